@@ -1,0 +1,15 @@
+//! Shared foundations of sd-rs: the [`Error`] type, strict memory-mapped weight loading
+//! ([`weights`]), config reading ([`config`]) and torch-compatible noise ([`noise`]).
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
+
+pub mod config;
+pub mod error;
+pub mod noise;
+pub mod testing;
+pub mod weights;
+
+pub use candle_core;
+pub use error::{Error, LoadReport, Result};
+pub use noise::{NoiseSource, RecordedNoise, TorchGenerator};
+pub use weights::{resolve_weight_files, VarBuilder, WeightFiles};

@@ -1,0 +1,3 @@
+//! sd-rs AutoencoderKL (encoder, decoder, tiling)
+#![warn(missing_docs)]
+#![warn(clippy::unwrap_used)]
