@@ -12,4 +12,6 @@ pub mod weights;
 pub use candle_core;
 pub use error::{Error, LoadReport, Result};
 pub use noise::{NoiseSource, RecordedNoise, TorchGenerator};
-pub use weights::{resolve_weight_files, VarBuilder, WeightFiles};
+pub use weights::{
+    component_var_builder, resolve_weight_files, LoadOptions, VarBuilder, WeightFiles,
+};

@@ -500,3 +500,36 @@ fn levenshtein(a: &str, b: &str) -> usize {
     }
     prev[b.len()]
 }
+
+/// How to load a component: dtype, device and weight-file variant. Runtime choices like these
+/// never live in model configs.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The dtype weights are converted to (and the model computes in).
+    pub dtype: DType,
+    /// Where the weights go.
+    pub device: Device,
+    /// A weight-file variant such as `"fp16"` (`*.fp16.safetensors`); falls back to the plain
+    /// files with a logged note when the variant is absent.
+    pub variant: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+        }
+    }
+}
+
+/// Resolves and memory-maps the weights of the component folder `dir` (file stem `stem`,
+/// e.g. `diffusion_pytorch_model` or `model`) and returns a [`VarBuilder`] over them.
+pub fn component_var_builder(dir: &Path, stem: &str, opts: &LoadOptions) -> Result<VarBuilder> {
+    let (files, note) = resolve_weight_files(dir, stem, opts.variant.as_deref())?;
+    if let Some(note) = note {
+        log::warn!("{note}");
+    }
+    VarBuilder::from_paths(&files, opts.dtype, &opts.device)
+}
