@@ -1,0 +1,173 @@
+//! Multi-head attention: the one attention path of sd-rs, shared by the UNet's transformer
+//! blocks and the VAE's mid-block attention. Mirrors diffusers'
+//! [`Attention`](https://github.com/huggingface/diffusers/blob/main/src/diffusers/models/attention_processor.py)
+//! with its default processor; the kernel itself is [`scaled_dot_product_attention`].
+
+use candle_core::{DType, Tensor};
+use sd_core::{Result, VarBuilder};
+
+use crate::ops::{GroupNorm, Linear};
+
+/// Bytes of attention scores computed at once; larger problems are cut into groups of heads.
+const SCORE_CHUNK_BYTES: usize = 256 << 20;
+
+/// `softmax(q k^T * scale) v` per head. # Shapes: q [B, H, Lq, d], k and v [B, H, Lk, d] -> [B, H, Lq, d].
+///
+/// Scores and softmax are computed in f32 when the inputs are f16/bf16 or when `upcast` is set
+/// (diffusers' `upcast_attention`; torch's SDPA also accumulates in f32). The (B·H) slices are
+/// processed in chunks so that the score matrix stays under a fixed budget (~1 GB would be
+/// needed at once for SD 1.5 at 64x64 latents). This function is the drop-in point for a fused
+/// or flash-style kernel.
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let dtype = q.dtype();
+    let compute = if upcast || dtype != DType::F32 && dtype != DType::F64 {
+        DType::F32
+    } else {
+        dtype
+    };
+    let q = q.reshape((b * h, lq, d))?;
+    let k = k.reshape((b * h, lk, d))?;
+    let v = v.reshape((b * h, lk, d))?;
+    let per_slice = lq * lk * 4;
+    let chunk = (SCORE_CHUNK_BYTES / per_slice.max(1)).clamp(1, b * h);
+    let mut outs = Vec::with_capacity((b * h).div_ceil(chunk));
+    let mut start = 0;
+    while start < b * h {
+        let n = chunk.min(b * h - start);
+        let qs = q.narrow(0, start, n)?.to_dtype(compute)?;
+        let ks = k.narrow(0, start, n)?.to_dtype(compute)?;
+        let vs = v.narrow(0, start, n)?;
+        let scores = (qs.matmul(&ks.t()?)? * scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+        outs.push(probs.matmul(&vs)?);
+        start += n;
+    }
+    let out = if outs.len() == 1 {
+        outs.remove(0)
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
+    Ok(out.reshape((b, h, lq, d))?)
+}
+
+/// Construction parameters of an [`Attention`] layer.
+#[derive(Debug, Clone)]
+pub struct AttentionConfig {
+    /// Channels of the query input (and of the output).
+    pub query_dim: usize,
+    /// Channels of the context for cross-attention; `None` for self-attention.
+    pub cross_attention_dim: Option<usize>,
+    /// Number of heads.
+    pub heads: usize,
+    /// Channels per head.
+    pub dim_head: usize,
+    /// Whether to_q/to_k/to_v have biases (false in transformer blocks, true in the VAE).
+    pub qkv_bias: bool,
+    /// Compute scores in f32 (diffusers' `upcast_attention`).
+    pub upcast_attention: bool,
+    /// Group norm applied to the input first (VAE attention): (groups, eps).
+    pub group_norm: Option<(usize, f64)>,
+    /// Add the input to the output (VAE attention).
+    pub residual_connection: bool,
+}
+
+/// diffusers' `Attention` with the default processor: weights `to_q`, `to_k`, `to_v`,
+/// `to_out.0` (and `group_norm` when configured).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    group_norm: Option<GroupNorm>,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+    residual: bool,
+}
+
+impl Attention {
+    /// Loads the layer's weights under `vb`.
+    pub fn load(vb: &VarBuilder, cfg: &AttentionConfig) -> Result<Self> {
+        let inner = cfg.heads * cfg.dim_head;
+        let ctx = cfg.cross_attention_dim.unwrap_or(cfg.query_dim);
+        let group_norm = match cfg.group_norm {
+            Some((groups, eps)) => Some(GroupNorm::load(
+                &vb.pp("group_norm"),
+                groups,
+                cfg.query_dim,
+                eps,
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            to_q: Linear::load(&vb.pp("to_q"), cfg.query_dim, inner, cfg.qkv_bias)?,
+            to_k: Linear::load(&vb.pp("to_k"), ctx, inner, cfg.qkv_bias)?,
+            to_v: Linear::load(&vb.pp("to_v"), ctx, inner, cfg.qkv_bias)?,
+            to_out: Linear::load(&vb.pp("to_out.0"), inner, cfg.query_dim, true)?,
+            group_norm,
+            heads: cfg.heads,
+            scale: 1.0 / (cfg.dim_head as f64).sqrt(),
+            upcast: cfg.upcast_attention,
+            residual: cfg.residual_connection,
+        })
+    }
+
+    /// Self-attention when `context` is `None`, cross-attention otherwise.
+    ///
+    /// # Shapes: x [B, L, C] or [B, C, H, W] (then flattened to L = H·W and restored);
+    /// context [B, Lk, Ccontext].
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let residual = x;
+        let spatial = x.dims().len() == 4;
+        let (b, c, hgt, wid) = if spatial { x.dims4()? } else { (0, 0, 0, 0) };
+        let mut h = match &self.group_norm {
+            Some(norm) => norm.forward(x)?,
+            None => x.clone(),
+        };
+        if spatial {
+            h = h.reshape((b, c, hgt * wid))?.transpose(1, 2)?;
+        } else if self.group_norm.is_some() {
+            return Err(sd_core::Error::unsupported(
+                "Attention with group_norm on a [B, L, C] input (diffusers applies it across C)",
+            ));
+        }
+        let q = self.to_q.forward(&h)?;
+        let ctx = context.unwrap_or(&h);
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let out = scaled_dot_product_attention(
+            &self.split_heads(&q)?,
+            &self.split_heads(&k)?,
+            &self.split_heads(&v)?,
+            self.scale,
+            self.upcast,
+        )?;
+        let (bb, heads, l, d) = out.dims4()?;
+        let out = out.transpose(1, 2)?.reshape((bb, l, heads * d))?;
+        let mut out = self.to_out.forward(&out)?;
+        if spatial {
+            out = out.transpose(1, 2)?.reshape((b, c, hgt, wid))?;
+        }
+        if self.residual {
+            out = (out + residual)?;
+        }
+        Ok(out)
+    }
+
+    /// [B, L, H·d] -> [B, H, L, d] (contiguous).
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, inner) = x.dims3()?;
+        Ok(x.reshape((b, l, self.heads, inner / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+}

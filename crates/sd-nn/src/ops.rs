@@ -1,0 +1,187 @@
+//! The heavy operations, each behind one function, so that a faster kernel (AMX/AVX-512 conv,
+//! fused group norm, flash-style attention, CUDA) drops in here without touching any block.
+//!
+//! Layers ([`Conv2d`], [`Linear`], [`GroupNorm`], [`LayerNorm`]) load by diffusers tensor
+//! names (`weight`, `bias`) and call these functions.
+
+use candle_core::{DType, Module, Tensor, D};
+use sd_core::{Result, VarBuilder};
+
+/// 2-D convolution, NCHW, square kernel. # Shapes: x [B, Cin, H, W], weight [Cout, Cin, k, k].
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x.conv2d(weight, padding, stride, 1, 1)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+        None => y,
+    })
+}
+
+/// `x @ weight^T + bias` over the last dimension (weight [out, in], as torch.nn.Linear).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Ok(candle_nn::Linear::new(weight.clone(), bias.cloned()).forward(x)?)
+}
+
+/// Group normalisation over channels (dim 1), statistics in f32 for half-precision inputs,
+/// as torch.nn.GroupNorm. # Shapes: x [B, C, ...].
+pub fn group_norm(
+    x: &Tensor,
+    num_groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    Ok(candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, num_groups, eps)?.forward(x)?)
+}
+
+/// Layer normalisation over the last dimension, as torch.nn.LayerNorm (f32 statistics).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean = x32.mean_keepdim(D::Minus1)?;
+    let centered = x32.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)?)
+}
+
+/// SiLU (x * sigmoid(x)).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::silu(x)?)
+}
+
+/// The exact (erf) GELU, as torch's default `F.gelu` (candle's `gelu` is the tanh approximation).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.gelu_erf()?)
+}
+
+/// A 2-D convolution layer (torch.nn.Conv2d) with square kernel.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Loads `weight` [out, in, k, k] and `bias` [out] under `vb`.
+    pub fn load(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
+            bias: Some(vb.get(out_channels, "bias")?),
+            stride,
+            padding,
+        })
+    }
+
+    /// # Shapes: x [B, in, H, W] -> [B, out, H', W'].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+    }
+}
+
+/// A linear layer (torch.nn.Linear).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `weight` [out, in] and, if `bias`, `bias` [out] under `vb`.
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: if bias {
+                Some(vb.get(out_dim, "bias")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// # Shapes: x [..., in] -> [..., out].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// Group normalisation (torch.nn.GroupNorm, affine).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` [channels] under `vb`; `channels` must divide into `num_groups`.
+    pub fn load(vb: &VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || channels % num_groups != 0 {
+            return Err(sd_core::Error::invalid_argument(
+                format!("{} (norm_num_groups)", vb.path("")),
+                num_groups,
+                format!("a number of groups that divides the {channels} channels"),
+            ));
+        }
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            num_groups,
+            eps,
+        })
+    }
+
+    /// # Shapes: x [B, C, ...].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        group_norm(x, self.num_groups, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// Layer normalisation (torch.nn.LayerNorm, affine, over the last dimension).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` [dim] under `vb`.
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+
+    /// # Shapes: x [..., dim].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
