@@ -36,7 +36,7 @@ pub enum Error {
 
     /// Weights are missing, unused, of the wrong shape or unreadable.
     #[error("{0}")]
-    Weights(LoadReport),
+    Weights(Box<LoadReport>),
 
     /// A caller-supplied argument is out of range or inconsistent.
     #[error("invalid argument `{name}`: got {value}, expected {expected}")]

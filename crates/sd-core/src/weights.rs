@@ -199,11 +199,11 @@ impl WeightFiles {
     /// Reads one tensor and converts it to `dtype` on `device`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let e = self.entries.get(name).ok_or_else(|| {
-            Error::Weights(LoadReport {
+            Error::Weights(Box::new(LoadReport {
                 files: self.paths.clone(),
                 missing: vec![(name.to_owned(), vec![], None)],
                 ..Default::default()
-            })
+            }))
         })?;
         let file_dtype = match e.dtype {
             safetensors::Dtype::F32 => DType::F32,
@@ -471,7 +471,7 @@ impl VarBuilder {
         if report.is_ok() {
             Ok(())
         } else {
-            Err(Error::Weights(report))
+            Err(Error::Weights(Box::new(report)))
         }
     }
 }
