@@ -1,3 +1,12 @@
-//! sd-rs CLIP tokenizer and text encoders (SD 1.x, SD 2.x, SDXL)
+//! CLIP tokenizer and text encoders of Stable Diffusion 1.x, 2.x and SDXL.
+//!
+//! - [`ClipTokenizer`]: transformers' `CLIPTokenizer` (tensor-free), with truncation reporting
+//!   and chunked long-prompt encoding.
+//! - [`ClipTextModel`]: transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`.
+//! - [`PromptEncoder`]: what each diffusers pipeline's `encode_prompt` feeds the UNet.
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
+
+pub mod tokenizer;
+
+pub use tokenizer::{ClipTokenizer, Tokens};
