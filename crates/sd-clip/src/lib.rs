@@ -7,6 +7,11 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod config;
+pub mod model;
+pub mod ops;
 pub mod tokenizer;
 
+pub use config::{Activation, ClipTextConfig, ClipTextConfigJson, EosPooling};
+pub use model::{ClipTextModel, ClipTextOutput};
 pub use tokenizer::{ClipTokenizer, Tokens};

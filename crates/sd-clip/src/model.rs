@@ -1,0 +1,298 @@
+//! The CLIP text transformer: transformers'
+//! [`CLIPTextModel`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py)
+//! and `CLIPTextModelWithProjection`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use sd_core::{component_var_builder, Error, LoadOptions, Result, VarBuilder};
+
+use crate::config::{ClipTextConfig, EosPooling};
+use crate::ops::{activation, causal_mask, layer_norm, linear, scaled_dot_product_attention};
+
+/// Weight and bias of a `torch.nn.Linear` or `torch.nn.LayerNorm`.
+#[derive(Debug, Clone)]
+struct Affine {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Affine {
+    fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_dim, in_dim), "weight")?,
+            bias: vb.get(out_dim, "bias")?,
+        })
+    }
+
+    fn norm(vb: &VarBuilder, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, Some(&self.bias))
+    }
+
+    fn normalize(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, eps)
+    }
+}
+
+/// One pre-norm encoder layer (`CLIPEncoderLayer`): causal self-attention, then the MLP.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    q_proj: Affine,
+    k_proj: Affine,
+    v_proj: Affine,
+    out_proj: Affine,
+    layer_norm1: Affine,
+    layer_norm2: Affine,
+    fc1: Affine,
+    fc2: Affine,
+}
+
+impl EncoderLayer {
+    fn load(vb: &VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+        let d = c.hidden_size;
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        Ok(Self {
+            q_proj: Affine::linear(&attn.pp("q_proj"), d, d)?,
+            k_proj: Affine::linear(&attn.pp("k_proj"), d, d)?,
+            v_proj: Affine::linear(&attn.pp("v_proj"), d, d)?,
+            out_proj: Affine::linear(&attn.pp("out_proj"), d, d)?,
+            layer_norm1: Affine::norm(&vb.pp("layer_norm1"), d)?,
+            layer_norm2: Affine::norm(&vb.pp("layer_norm2"), d)?,
+            fc1: Affine::linear(&mlp.pp("fc1"), c.intermediate_size, d)?,
+            fc2: Affine::linear(&mlp.pp("fc2"), d, c.intermediate_size)?,
+        })
+    }
+
+    /// # Shapes: x [B, T, D], mask [T, T] -> [B, T, D].
+    fn forward(&self, x: &Tensor, mask: &Tensor, c: &ClipTextConfig) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let heads = c.num_heads;
+        let head_dim = d / heads;
+        let h = self.layer_norm1.normalize(x, c.layer_norm_eps)?;
+        let split = |p: &Affine| -> Result<Tensor> {
+            Ok(p.apply(&h)?
+                .reshape((b, t, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (
+            split(&self.q_proj)?,
+            split(&self.k_proj)?,
+            split(&self.v_proj)?,
+        );
+        let scale = (head_dim as f64).powf(-0.5);
+        let attn = scaled_dot_product_attention(&q, &k, &v, scale, Some(mask))?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
+        let x = (x + self.out_proj.apply(&attn)?)?;
+        let h = self.layer_norm2.normalize(&x, c.layer_norm_eps)?;
+        let h = self
+            .fc2
+            .apply(&activation(&self.fc1.apply(&h)?, c.activation)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// Outputs of [`ClipTextModel::forward`], as transformers returns them with
+/// `output_hidden_states=True`.
+#[derive(Debug, Clone)]
+pub struct ClipTextOutput {
+    /// The last layer's output after `final_layer_norm`. # Shapes: [B, T, D].
+    pub last_hidden_state: Tensor,
+    /// The embeddings, then every layer's output (without the final layer norm):
+    /// `num_layers + 1` tensors of [B, T, D]; `hidden_states[-2]` is what SDXL uses.
+    pub hidden_states: Vec<Tensor>,
+    /// `last_hidden_state` at the eos position of each sequence (see [`EosPooling`]). # Shapes: [B, D].
+    pub pooled_output: Tensor,
+    /// `text_projection(pooled_output)` for `CLIPTextModelWithProjection`. # Shapes: [B, P].
+    pub text_embeds: Option<Tensor>,
+}
+
+/// transformers' `CLIPTextModel`, or `CLIPTextModelWithProjection` when the config's
+/// `architectures` (or, when absent, the weights) include `text_projection`.
+///
+/// Weights are read by transformers' names, with or without the `text_model.` prefix
+/// (transformers 4 writes it for both classes, transformers 5 drops it for `CLIPTextModel`).
+#[derive(Debug, Clone)]
+pub struct ClipTextModel {
+    config: ClipTextConfig,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: Affine,
+    text_projection: Option<Tensor>,
+    dtype: DType,
+    device: Device,
+}
+
+impl ClipTextModel {
+    /// Loads `dir/config.json` and `dir/model[.<variant>].safetensors` (strict: every missing,
+    /// unused or wrongly-shaped tensor is reported at once, naming the file and expected shape).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let config = ClipTextConfig::read(&dir.join("config.json"))?;
+        let vb = component_var_builder(dir, "model", opts)?;
+        let model = Self::new(config, &vb)?;
+        vb.finish()?;
+        Ok(model)
+    }
+
+    /// Builds the model from `vb` (rooted where transformers' state dict is); the caller calls
+    /// [`VarBuilder::finish`].
+    pub fn new(mut config: ClipTextConfig, vb: &VarBuilder) -> Result<Self> {
+        let with_projection = config
+            .with_projection
+            .unwrap_or_else(|| vb.contains("text_projection.weight"));
+        let root = if with_projection || vb.contains("text_model.embeddings.token_embedding.weight")
+        {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
+        let d = config.hidden_size;
+        let emb = root.pp("embeddings");
+        let token_embedding = emb
+            .pp("token_embedding")
+            .get((config.vocab_size, d), "weight")?;
+        let position_embedding = emb
+            .pp("position_embedding")
+            .get((config.max_position_embeddings, d), "weight")?;
+        let layers = (0..config.num_layers)
+            .map(|i| EncoderLayer::load(&root.pp("encoder.layers").pp(i), &config))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = Affine::norm(&root.pp("final_layer_norm"), d)?;
+        let text_projection = if with_projection {
+            let p = config.projection_dim.unwrap_or(d);
+            config.projection_dim = Some(p);
+            Some(vb.pp("text_projection").get((p, d), "weight")?)
+        } else {
+            config.projection_dim = None;
+            None
+        };
+        config.with_projection = Some(with_projection);
+        Ok(Self {
+            config,
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            text_projection,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The resolved config (`projection_dim` is `Some` exactly when `text_projection` exists).
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.config
+    }
+
+    /// The dtype the model computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `final_layer_norm`, as diffusers applies it to an earlier hidden state for `clip_skip`.
+    /// # Shapes: [B, T, D] -> [B, T, D].
+    pub fn final_layer_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.final_layer_norm
+            .normalize(x, self.config.layer_norm_eps)
+    }
+
+    /// Runs the encoder with the causal mask and no padding mask (as the SD pipelines call it).
+    ///
+    /// # Shapes: input_ids [B, T] (any integer dtype), 1 <= T <= max_position_embeddings.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        let (b, t) = input_ids.dims2().map_err(|_| {
+            Error::invalid_argument(
+                "input_ids",
+                format!("shape {:?}", input_ids.dims()),
+                "[batch, sequence]",
+            )
+        })?;
+        let max_t = self.config.max_position_embeddings;
+        if t == 0 || t > max_t || b == 0 {
+            return Err(Error::invalid_argument(
+                "input_ids",
+                format!("shape {:?}", input_ids.dims()),
+                format!("a non-empty batch of 1 to {max_t} tokens"),
+            ));
+        }
+        let ids_host: Vec<Vec<u32>> = input_ids
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::U32)?
+            .to_vec2()?;
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids_host.iter().flatten().find(|&&i| i as usize >= vocab) {
+            return Err(Error::invalid_argument(
+                "input_ids",
+                format!("token id {bad}"),
+                format!("ids below vocab_size {vocab}"),
+            ));
+        }
+        let ids = Tensor::new(ids_host.concat(), &self.device)?;
+        let d = self.config.hidden_size;
+        let tokens = self
+            .token_embedding
+            .index_select(&ids, 0)?
+            .reshape((b, t, d))?;
+        let positions = self.position_embedding.narrow(0, 0, t)?;
+        let mut x = tokens.broadcast_add(&positions)?;
+        let mask = causal_mask(t, &self.device)?;
+        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        hidden_states.push(x.clone());
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask, &self.config)?;
+            hidden_states.push(x.clone());
+        }
+        let last_hidden_state = self.final_layer_norm(&x)?;
+        let rows: Vec<u32> = ids_host
+            .iter()
+            .enumerate()
+            .map(|(i, seq)| (i * t + eos_position(seq, self.config.pooling)) as u32)
+            .collect();
+        let rows = Tensor::new(rows, &self.device)?;
+        let pooled_output = last_hidden_state
+            .reshape((b * t, d))?
+            .index_select(&rows, 0)?;
+        let text_embeds = match &self.text_projection {
+            Some(w) => Some(linear(&pooled_output, w, None)?),
+            None => None,
+        };
+        Ok(ClipTextOutput {
+            last_hidden_state,
+            hidden_states,
+            pooled_output,
+            text_embeds,
+        })
+    }
+}
+
+/// The position `pooled_output` is read from, as transformers computes it (torch's argmax
+/// returns the first maximum).
+pub fn eos_position(ids: &[u32], rule: EosPooling) -> usize {
+    match rule {
+        EosPooling::ArgmaxId => {
+            let mut best = 0;
+            for (i, &id) in ids.iter().enumerate() {
+                if id > ids[best] {
+                    best = i;
+                }
+            }
+            best
+        }
+        EosPooling::FirstId(eos) => ids.iter().position(|&id| id == eos).unwrap_or(0),
+    }
+}
