@@ -23,8 +23,29 @@ pub fn conv2d(
 }
 
 /// `x @ weight^T + bias` over the last dimension (weight [out, in], as torch.nn.Linear).
+///
+/// The input is made contiguous and flattened to one 2-D matmul: candle 0.11's batched matmul
+/// returns wrong values for batch entries after the first when the input is a transposed view
+/// with a broadcast weight (what `candle_nn::Linear` does for non-contiguous inputs, e.g. the
+/// VAE attention's `[B, C, H·W] -> [B, H·W, C]` transpose with B > 1).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    Ok(candle_nn::Linear::new(weight.clone(), bias.cloned()).forward(x)?)
+    let dims = x.dims().to_vec();
+    let Some((&k, lead)) = dims.split_last() else {
+        return Err(sd_core::Error::invalid_argument(
+            "linear input",
+            "a 0-dimensional tensor",
+            "a tensor with the feature dimension last",
+        ));
+    };
+    let rows: usize = lead.iter().product();
+    let y = x.contiguous()?.reshape((rows, k))?.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(y.dim(1)?);
+    Ok(y.reshape(out_dims)?)
 }
 
 /// Group normalisation over channels (dim 1), statistics in f32 for half-precision inputs,
@@ -183,5 +204,30 @@ impl LayerNorm {
     /// # Shapes: x [..., dim].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    /// Regression: candle's batched matmul mis-computes a transposed batched input (batch
+    /// entries after the first were off by up to 0.4 here before `linear` flattened to 2-D).
+    #[test]
+    fn linear_on_transposed_batch_matches_per_entry() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 16, 15), &dev)?.transpose(1, 2)?; // [3, 15, 16], strided
+        let w = Tensor::randn(0f32, 0.25, (8, 16), &dev)?;
+        let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
+        let y = linear(&x, &w, Some(&b))?;
+        assert_eq!(y.dims(), &[3, 15, 8]);
+        for i in 0..3 {
+            let xi = x.i(i)?.contiguous()?;
+            let want = xi.matmul(&w.t()?)?.broadcast_add(&b)?;
+            let diff = (y.i(i)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "batch entry {i}: max abs diff {diff}");
+        }
+        Ok(())
     }
 }
