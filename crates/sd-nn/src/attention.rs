@@ -13,8 +13,9 @@ const SCORE_CHUNK_BYTES: usize = 256 << 20;
 
 /// `softmax(q k^T * scale) v` per head. # Shapes: q [B, H, Lq, d], k and v [B, H, Lk, d] -> [B, H, Lq, d].
 ///
-/// Scores and softmax are computed in f32 when the inputs are f16/bf16 or when `upcast` is set
-/// (diffusers' `upcast_attention`; torch's SDPA also accumulates in f32). The (B·H) slices are
+/// Scores, softmax and the product with `v` are computed in f32 when the inputs are f16/bf16
+/// or when `upcast` is set (diffusers' `upcast_attention`; torch's CPU SDPA also keeps f32
+/// internally and rounds the output once); the output has the inputs' dtype. The (B·H) slices are
 /// processed in chunks so that the score matrix stays under a fixed budget (~1 GB would be
 /// needed at once for SD 1.5 at 64x64 latents). This function is the drop-in point for a fused
 /// or flash-style kernel.
@@ -44,10 +45,10 @@ pub fn scaled_dot_product_attention(
         let n = chunk.min(b * h - start);
         let qs = q.narrow(0, start, n)?.to_dtype(compute)?;
         let ks = k.narrow(0, start, n)?.to_dtype(compute)?;
-        let vs = v.narrow(0, start, n)?;
+        let vs = v.narrow(0, start, n)?.to_dtype(compute)?;
         let scores = (qs.matmul(&ks.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
-        outs.push(probs.matmul(&vs)?);
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&vs)?.to_dtype(dtype)?);
         start += n;
     }
     let out = if outs.len() == 1 {

@@ -20,9 +20,14 @@ pub fn timestep_embedding(
 ) -> Result<Tensor> {
     let half = dim / 2;
     let dev = timesteps.device();
-    let denom = half as f64 - freq_shift;
+    // The exponents are computed exactly as torch does (in f32, the Python scalars cast to f32
+    // first): at t ~ 1000 one ulp of a frequency moves its sinusoid by up to ~6e-5. torch's
+    // vectorised `exp` itself is not correctly rounded, so a few frequencies still differ by one
+    // ulp (measured against diffusers in sd-unet's tests).
+    let neg_ln = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - freq_shift) as f32;
     let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / denom).exp() as f32)
+        .map(|i| ((neg_ln * i as f32) / denom).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), dev)?;
     let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;

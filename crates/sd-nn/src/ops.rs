@@ -7,6 +7,13 @@
 use candle_core::{DType, Module, Tensor, D};
 use sd_core::{Result, VarBuilder};
 
+/// candle 0.11's CPU backend has no bf16 matmul (and so no bf16 conv2d): bf16 operands are
+/// computed in f32 and the result rounded to bf16 once, which is also what torch's bf16 CPU
+/// kernels do (f32 accumulation, bias added before rounding). The weights stay bf16 in memory.
+fn lacks_bf16_matmul(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16 && x.device().is_cpu()
+}
+
 /// 2-D convolution, NCHW, square kernel. # Shapes: x [B, Cin, H, W], weight [Cout, Cin, k, k].
 pub fn conv2d(
     x: &Tensor,
@@ -15,6 +22,12 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    if lacks_bf16_matmul(x) {
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let w = weight.to_dtype(DType::F32)?;
+        let y = conv2d(&x.to_dtype(DType::F32)?, &w, bias.as_ref(), stride, padding)?;
+        return Ok(y.to_dtype(DType::BF16)?);
+    }
     let y = x.conv2d(weight, padding, stride, 1, 1)?;
     Ok(match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
@@ -29,6 +42,12 @@ pub fn conv2d(
 /// with a broadcast weight (what `candle_nn::Linear` does for non-contiguous inputs, e.g. the
 /// VAE attention's `[B, C, H·W] -> [B, H·W, C]` transpose with B > 1).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    if lacks_bf16_matmul(x) {
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let w = weight.to_dtype(DType::F32)?;
+        let y = linear(&x.to_dtype(DType::F32)?, &w, bias.as_ref())?;
+        return Ok(y.to_dtype(DType::BF16)?);
+    }
     let dims = x.dims().to_vec();
     let Some((&k, lead)) = dims.split_last() else {
         return Err(sd_core::Error::invalid_argument(
