@@ -10,8 +10,10 @@
 pub mod config;
 pub mod model;
 pub mod ops;
+pub mod prompt;
 pub mod tokenizer;
 
 pub use config::{Activation, ClipTextConfig, ClipTextConfigJson, EosPooling};
 pub use model::{ClipTextModel, ClipTextOutput};
+pub use prompt::{Conditioning, PromptEncoder};
 pub use tokenizer::{ClipTokenizer, Tokens};

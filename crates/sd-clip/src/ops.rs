@@ -8,7 +8,7 @@ use crate::config::Activation;
 
 /// `x @ weight^T (+ bias)` over the last dimension, as `torch.nn.Linear`.
 ///
-/// # Shapes: x [..., in], weight [out, in], bias [out] -> [..., out].
+/// # Shapes: x `[..., in]`, weight `[out, in]`, bias `[out]` -> `[..., out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let inner = *dims.last().unwrap_or(&1);
@@ -28,7 +28,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// Layer normalisation over the last dimension, as `torch.nn.LayerNorm`: two-pass statistics
 /// and the affine transform in f32, the result in the input dtype.
 ///
-/// # Shapes: x [..., D], weight and bias [D].
+/// # Shapes: x `[..., D]`, weight and bias `[D]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;

@@ -106,7 +106,7 @@ struct TokenizerConfigJson {
 /// CLIP's tokenizer, loaded from a diffusers `tokenizer/` or `tokenizer_2/` folder.
 ///
 /// Mirrors [transformers `CLIPTokenizer`](https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/tokenization_clip.py):
-/// NFC, whitespace runs to one space, lowercase; split as [`CLIP_SPLIT_PATTERN`] then byte-level
+/// NFC, whitespace runs to one space, lowercase; split into special-token text, contractions, letter runs, single digits and other symbol runs, then byte-level
 /// BPE with the `</w>` end-of-word suffix; `<|startoftext|>` … `<|endoftext|>` around the content,
 /// padded with the folder's pad token. SD 1.x pads with `<|endoftext|>`; the OpenCLIP tokenizers of
 /// SD 2.x and SDXL pad with `!` (id 0), which transformers registers as a special token, so a
