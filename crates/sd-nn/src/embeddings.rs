@@ -11,7 +11,7 @@ use crate::ops::{silu, Linear};
 ///
 /// `half = dim / 2`, frequencies `exp(-ln(10000) * i / (half - freq_shift))`; the output is
 /// `[sin, cos]`, or `[cos, sin]` when `flip_sin_to_cos` (SD's UNet), zero-padded for odd `dim`.
-/// # Shapes: timesteps [B] -> [B, dim] (f32).
+/// # Shapes: timesteps `[B]` -> `[B, dim]` (f32).
 pub fn timestep_embedding(
     timesteps: &Tensor,
     dim: usize,

@@ -114,7 +114,7 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// Loads `weight` [out, in, k, k] and `bias` [out] under `vb`.
+    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]` under `vb`.
     pub fn load(
         vb: &VarBuilder,
         in_channels: usize,
@@ -151,7 +151,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads `weight` [out, in] and, if `bias`, `bias` [out] under `vb`.
+    /// Loads `weight` `[out, in]` and, if `bias`, `bias` `[out]` under `vb`.
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         Ok(Self {
             weight: vb.get((out_dim, in_dim), "weight")?,
@@ -179,7 +179,7 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
-    /// Loads `weight` and `bias` [channels] under `vb`; `channels` must divide into `num_groups`.
+    /// Loads `weight` and `bias` `[channels]` under `vb`; `channels` must divide into `num_groups`.
     pub fn load(vb: &VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if num_groups == 0 || channels % num_groups != 0 {
             return Err(sd_core::Error::invalid_argument(
@@ -211,7 +211,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Loads `weight` and `bias` [dim] under `vb`.
+    /// Loads `weight` and `bias` `[dim]` under `vb`.
     pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,

@@ -164,7 +164,7 @@ impl UNet2DConditionModel {
 
     /// As [`UNet2DConditionModel::forward`], with per-sample timesteps.
     ///
-    /// # Shapes: timesteps [B] or [1] (broadcast), any float or integer dtype.
+    /// # Shapes: timesteps `[B]` or `[1]` (broadcast), any float or integer dtype.
     pub fn forward_t(
         &self,
         sample: &Tensor,
