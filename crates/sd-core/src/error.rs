@@ -56,6 +56,18 @@ pub enum Error {
         what: String,
     },
 
+    /// A computation produced NaN or infinite values (typically a float16 overflow, such as
+    /// SDXL's VAE decoding in f16); `hint` says what to do instead.
+    #[error("{what} holds {count} NaN/inf values; {hint}")]
+    NonFinite {
+        /// What was computed (e.g. "the decoded image (VAE in f16)").
+        what: String,
+        /// How many values are NaN or infinite.
+        count: usize,
+        /// What to do about it.
+        hint: String,
+    },
+
     /// An error from the tensor library.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),
