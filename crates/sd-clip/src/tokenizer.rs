@@ -162,10 +162,13 @@ impl ClipTokenizer {
 
         let json_path = dir.join("tokenizer.json");
         let (mut tokenizer, source, mut added) = if json_path.is_file() {
-            // tokenizer.json carries its own added tokens (with their `normalized` flags).
-            let t = Tokenizer::from_file(&json_path).map_err(|e| {
+            // tokenizer.json gives the vocabulary, merges and added tokens (with their
+            // `normalized` flags); transformers 5's CLIPTokenizer rebuilds the normalizer and
+            // pre-tokenizer itself, whatever the file says, and so do we.
+            let mut t = Tokenizer::from_file(&json_path).map_err(|e| {
                 Error::config(&json_path, None, format!("not a valid tokenizer.json: {e}"))
             })?;
+            set_clip_pipeline(&mut t)?;
             (t, json_path, Vec::new())
         } else {
             let t = build_from_vocab(dir, unk.content())?;
@@ -354,6 +357,13 @@ fn build_from_vocab(dir: &Path, unk: &str) -> Result<Tokenizer> {
                 format!("cannot build the BPE model from vocab.json and merges.txt: {e}"),
             )
         })?;
+    let mut t = Tokenizer::new(bpe);
+    set_clip_pipeline(&mut t)?;
+    Ok(t)
+}
+
+/// The normalizer, pre-tokenizer and decoder of transformers' `CLIPTokenizer.__init__`.
+fn set_clip_pipeline(t: &mut Tokenizer) -> Result<()> {
     let pattern_err =
         |e: tokenizers::Error| Error::unsupported(format!("CLIP tokenizer regex rejected: {e}"));
     let normalizer = NormalizerSequence::new(vec![
@@ -376,9 +386,8 @@ fn build_from_vocab(dir: &Path, unk: &str) -> Result<Tokenizer> {
         .into(),
         ByteLevel::new(false, true, true).into(),
     ]);
-    let mut t = Tokenizer::new(bpe);
     t.with_normalizer(Some(normalizer)).map_err(pattern_err)?;
     t.with_pre_tokenizer(Some(pre_tokenizer));
     t.with_decoder(Some(ByteLevelDecoder::default()));
-    Ok(t)
+    Ok(())
 }
