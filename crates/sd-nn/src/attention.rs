@@ -8,7 +8,9 @@ use sd_core::{Result, VarBuilder};
 
 use crate::ops::{GroupNorm, Linear};
 
-/// Bytes of attention scores computed at once; larger problems are cut into groups of heads.
+/// Bytes of attention scores computed at once; larger problems are cut into groups of heads,
+/// and a single head that alone exceeds it (the VAE's one-head mid-block attention: 1 GB at
+/// 1024x1024, 16 GB at 2048x2048) into blocks of query rows.
 const SCORE_CHUNK_BYTES: usize = 256 << 20;
 
 /// `softmax(q k^T * scale) v` per head. # Shapes: q [B, H, Lq, d], k and v [B, H, Lk, d] -> [B, H, Lq, d].
@@ -17,14 +19,26 @@ const SCORE_CHUNK_BYTES: usize = 256 << 20;
 /// or when `upcast` is set (diffusers' `upcast_attention`; torch's CPU SDPA also keeps f32
 /// internally and rounds the output once); the output has the inputs' dtype. The (B·H) slices are
 /// processed in chunks so that the score matrix stays under a fixed budget (~1 GB would be
-/// needed at once for SD 1.5 at 64x64 latents). This function is the drop-in point for a fused
-/// or flash-style kernel.
+/// needed at once for SD 1.5 at 64x64 latents), and query rows are chunked when one slice is
+/// over budget (each row's softmax is independent, so the result is unchanged). This function
+/// is the drop-in point for a fused or flash-style kernel.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     upcast: bool,
+) -> Result<Tensor> {
+    sdpa_chunked(q, k, v, scale, upcast, SCORE_CHUNK_BYTES)
+}
+
+fn sdpa_chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    upcast: bool,
+    budget: usize,
 ) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
@@ -38,17 +52,38 @@ pub fn scaled_dot_product_attention(
     let k = k.reshape((b * h, lk, d))?;
     let v = v.reshape((b * h, lk, d))?;
     let per_slice = lq * lk * 4;
-    let chunk = (SCORE_CHUNK_BYTES / per_slice.max(1)).clamp(1, b * h);
+    let chunk = (budget / per_slice.max(1)).clamp(1, b * h);
+    let rows = if per_slice > budget {
+        (budget / (lk * 4).max(1)).clamp(1, lq)
+    } else {
+        lq
+    };
     let mut outs = Vec::with_capacity((b * h).div_ceil(chunk));
     let mut start = 0;
     while start < b * h {
         let n = chunk.min(b * h - start);
-        let qs = q.narrow(0, start, n)?.to_dtype(compute)?;
         let ks = k.narrow(0, start, n)?.to_dtype(compute)?;
         let vs = v.narrow(0, start, n)?.to_dtype(compute)?;
-        let scores = (qs.matmul(&ks.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        outs.push(probs.matmul(&vs)?.to_dtype(dtype)?);
+        let qn = q.narrow(0, start, n)?;
+        let mut blocks = Vec::with_capacity(lq.div_ceil(rows));
+        let mut r0 = 0;
+        while r0 < lq {
+            let nr = rows.min(lq - r0);
+            let qs = if nr == lq {
+                qn.to_dtype(compute)?
+            } else {
+                qn.narrow(1, r0, nr)?.contiguous()?.to_dtype(compute)?
+            };
+            let scores = (qs.matmul(&ks.t()?)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            blocks.push(probs.matmul(&vs)?.to_dtype(dtype)?);
+            r0 += nr;
+        }
+        outs.push(if blocks.len() == 1 {
+            blocks.remove(0)
+        } else {
+            Tensor::cat(&blocks, 1)?
+        });
         start += n;
     }
     let out = if outs.len() == 1 {
@@ -170,5 +205,27 @@ impl Attention {
         Ok(x.reshape((b, l, self.heads, inner / self.heads))?
             .transpose(1, 2)?
             .contiguous()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Chunking heads and query rows (a budget far below one slice) gives the same values.
+    #[test]
+    fn chunked_attention_equals_unchunked() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let full = sdpa_chunked(&q, &k, &v, 0.3, false, usize::MAX)?;
+        for budget in [37 * 29 * 4 * 2, 37 * 29 * 4, 29 * 4 * 5, 1] {
+            let c = sdpa_chunked(&q, &k, &v, 0.3, false, budget)?;
+            let diff = (&c - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "budget {budget}: max abs diff {diff}");
+        }
+        Ok(())
     }
 }
