@@ -31,6 +31,7 @@ pub struct VaeOptions {
 ///
 /// The model computes in [`AutoencoderKL::dtype`]: the requested dtype, except float16 with
 /// `force_upcast`, which computes in float32 (as diffusers' pipelines upcast the VAE).
+/// `Clone` is cheap: clones share the weight tensors.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,
@@ -139,6 +140,15 @@ impl AutoencoderKL {
         }
         self.tiling = tiling;
         Ok(())
+    }
+
+    /// This model with another tiling mode. Cloning shares the weights (tensors are
+    /// reference-counted), so a pipeline holding an `Arc<AutoencoderKL>` can derive a tiled
+    /// copy cheaply.
+    pub fn with_tiling(&self, tiling: Tiling) -> Result<Self> {
+        let mut vae = self.clone();
+        vae.set_tiling(tiling)?;
+        Ok(vae)
     }
 
     /// diffusers' `enable_tiling()`: tile whenever the input exceeds one tile, with `tiles`

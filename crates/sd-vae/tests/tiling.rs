@@ -71,6 +71,11 @@ fn auto_tiling_follows_the_threshold() {
         RTOL,
         "disable_tiling decodes untiled",
     );
+    // A tiled copy sharing the weights leaves the original untouched.
+    let tiled = vae.with_tiling(Tiling::On(TILES)).expect("valid");
+    let img = tiled.decode(&ins["latents_8"]).expect("tiled copy");
+    assert_close(&img, &r["tiled_dec8"], ATOL, RTOL, "with_tiling");
+    assert_eq!(vae.tiling(), Tiling::Off);
 }
 
 /// The tiled result against the untiled one, on these tiny random-weight models. Every tile
