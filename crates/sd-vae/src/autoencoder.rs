@@ -78,7 +78,8 @@ impl AutoencoderKL {
     }
 
     /// Builds the model from any [`VarBuilder`] (its dtype is the compute dtype); the caller
-    /// calls [`VarBuilder::finish`]. Tiling starts as [`Tiling::Auto`].
+    /// calls [`VarBuilder::finish`]. Tiling starts as [`Tiling::Auto`] with the config's tile sizes
+    /// (or [`Tiling::Off`] when `sample_size` is too small to give a tile).
     pub fn from_var_builder(vb: &VarBuilder, config: VaeConfig) -> Result<Self> {
         let lc = config.latent_channels;
         let quant_conv = if config.use_quant_conv {
@@ -91,9 +92,19 @@ impl AutoencoderKL {
         } else {
             None
         };
-        let tiling = Tiling::Auto {
-            tiles: TileConfig::from_config(&config),
-            above_pixels: AUTO_TILE_PIXELS,
+        let tiles = TileConfig::from_config(&config);
+        let tiling = if tiles.validate().is_ok() {
+            Tiling::Auto {
+                tiles,
+                above_pixels: AUTO_TILE_PIXELS,
+            }
+        } else {
+            log::warn!(
+                "{}: sample_size {} gives no usable tile size; automatic tiling is off",
+                config.path.display(),
+                config.sample_size
+            );
+            Tiling::Off
         };
         Ok(Self {
             encoder: Encoder::load(&vb.pp("encoder"), &config)?,

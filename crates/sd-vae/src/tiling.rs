@@ -159,6 +159,13 @@ fn tiled(
     limit: usize,
     mut f: impl FnMut(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    if stride == 0 || limit == 0 {
+        return Err(Error::invalid_argument(
+            "tile config",
+            format!("a tile of {tile} with stride {stride} and crop {limit}"),
+            "a positive stride and crop (see TileConfig::validate)",
+        ));
+    }
     let (_, _, h, w) = x.dims4()?;
     let mut prev_row: Vec<Tensor> = Vec::new();
     let mut out_rows = Vec::new();
