@@ -1,5 +1,245 @@
-//! The `sd` command line. Generation lands with the pipeline (issue 7).
+//! `sd`: Stable Diffusion text-to-image and image-to-image from the command line.
+//! Argument parsing, progress and files only; every model step is in sd-pipeline.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("the `sd` command is not implemented yet: the pipeline is still being built (see README.md)")
+mod args;
+mod demo;
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use sd_pipeline::core::candle_core::{DType, Device, Tensor};
+use sd_pipeline::core::{LoadOptions, TorchGenerator};
+use sd_pipeline::hub::{resolve_model, HubConfig};
+use sd_pipeline::{
+    Flow, GenerateRequest, Init, OutputType, SchedulerKind, StableDiffusion, StepInfo,
+};
+
+use args::{Cli, Command, Common, DTypeArg};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Txt2img(c) => generate(&c, None),
+        Command::Img2img(i) => generate(&i.common, Some((&i.image, i.strength))),
+    }
+}
+
+fn device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .unwrap_or("0")
+                .parse()
+                .context("--device cuda:N needs a number")?;
+            Device::new_cuda(n).with_context(|| format!("--device {s}: this build has no CUDA support or no such GPU (rebuild with --features cuda)"))
+        }
+        "metal" => Device::new_metal(0).context(
+            "--device metal: this build has no Metal support (rebuild with --features metal)",
+        ),
+        other => bail!("--device {other}: expected cpu, cuda:N or metal"),
+    }
+}
+
+fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
+    let dtype = match c.dtype {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    };
+    let opts = LoadOptions {
+        dtype,
+        device: device(&c.device)?,
+        variant: c.variant.clone(),
+    };
+    let hub = HubConfig::from_env();
+    let (model_dir, model_name, is_demo) = match &c.model {
+        Some(m) => (
+            resolve_model(m, c.variant.as_deref(), &hub)?,
+            m.clone(),
+            false,
+        ),
+        None => (demo::path()?, "sd-rs demo".to_owned(), true),
+    };
+    let scheduler = c
+        .scheduler
+        .as_deref()
+        .map(SchedulerKind::parse)
+        .transpose()?;
+    if c.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    // Refuse to overwrite before spending minutes on generation.
+    let outputs = output::paths(&c.output, c.num_images);
+    output::check_writable(&outputs, c.overwrite)?;
+    if let Some(p) = &c.save_latents {
+        output::check_writable(std::slice::from_ref(p), c.overwrite)?;
+    }
+
+    let sd = StableDiffusion::load(&model_dir, &opts)
+        .with_context(|| format!("loading {}", model_dir.display()))?;
+    let mut req = GenerateRequest::new(c.prompt.clone());
+    req.negative_prompts = c.negative_prompt.iter().cloned().collect();
+    let defaults = if is_demo {
+        demo::DEFAULTS
+    } else {
+        default_settings(&sd)
+    };
+    req.steps = c.steps.unwrap_or(defaults.steps);
+    req.guidance_scale = c.guidance.unwrap_or(defaults.guidance);
+    req.scheduler = scheduler;
+    req.height = c.height;
+    req.width = c.width;
+    req.num_images_per_prompt = c.num_images;
+    let seed = c.seed.unwrap_or_else(random_seed);
+    if c.seed.is_none() {
+        eprintln!("seed: {seed}");
+    }
+    if let Some(p) = &c.init_latents {
+        req.init = Init::Latents(read_latents(p, &opts.device)?);
+    }
+    if let Some((image, strength)) = img2img {
+        if c.init_latents.is_some() {
+            bail!("--init-latents and img2img's --image cannot be combined");
+        }
+        let rgb = sd_pipeline::image::read_rgb8(image)?;
+        req.init = Init::Image {
+            image: sd_pipeline::image::from_rgb8(&rgb, &opts.device)?,
+            strength,
+        };
+    }
+    let mut noise = TorchGenerator::new(seed);
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut on_step = |s: StepInfo<'_>| {
+        bar.set_length(s.total as u64);
+        bar.set_position(s.step as u64 + 1);
+        Flow::Continue
+    };
+
+    let (out, refiner_note) = match &c.refiner {
+        None => {
+            bar.set_message("denoising");
+            (sd.generate(&req, &mut noise, &mut on_step)?, None)
+        }
+        Some(r) => {
+            let f = c.high_noise_frac;
+            if !(f > 0.0 && f < 1.0) {
+                bail!("--high-noise-frac {f}: expected a fraction strictly between 0 and 1");
+            }
+            let rdir = resolve_model(r, c.variant.as_deref(), &hub)?;
+            let refiner = StableDiffusion::load_refiner(&rdir, &sd, &opts)
+                .with_context(|| format!("loading refiner {}", rdir.display()))?;
+            if refiner.unet.config().in_channels != sd.unet.config().in_channels {
+                bail!(
+                    "the refiner's UNet takes {} latent channels, the base produces {}",
+                    refiner.unet.config().in_channels,
+                    sd.unet.config().in_channels
+                );
+            }
+            let mut base_req = req.clone();
+            base_req.denoising_end = Some(f);
+            base_req.output = OutputType::Latents;
+            bar.set_message("base");
+            let base_out = sd.generate(&base_req, &mut noise, &mut on_step)?;
+            // Same prompts, steps and images per prompt; the refiner continues the base's latents.
+            let mut ref_req = req.clone();
+            ref_req.init = Init::Continue {
+                latents: base_out.latents,
+                denoising_start: f,
+            };
+            bar.set_message("refiner");
+            bar.reset();
+            (
+                refiner.generate(&ref_req, &mut noise, &mut on_step)?,
+                Some(format!("Refiner: {r}, Refiner switch at: {f}")),
+            )
+        }
+    };
+    bar.finish_and_clear();
+
+    if let Some(p) = &c.save_latents {
+        output::save_latents(p, &out.latents)?;
+    }
+    let images = out
+        .images
+        .as_ref()
+        .context("the pipeline returned no images")?;
+    let images = sd_pipeline::image::to_rgb8(images)?;
+    let (h, w) = (images[0].height(), images[0].width());
+    let mut params = format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
+        c.prompt,
+        c.negative_prompt.as_deref().unwrap_or(""),
+        req.steps,
+        c.scheduler.as_deref().unwrap_or("default"),
+        req.guidance_scale,
+    );
+    if let Some((_, strength)) = img2img {
+        params.push_str(&format!(", Denoising strength: {strength}"));
+    }
+    if let Some(n) = refiner_note {
+        params.push_str(&format!(", {n}"));
+    }
+    for (img, path) in images.iter().zip(&outputs) {
+        output::write_png(path, img, &params)?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// diffusers' call defaults: 50 steps; guidance 7.5 (SD) or 5.0 (SDXL).
+fn default_settings(sd: &StableDiffusion) -> demo::Defaults {
+    match sd.family {
+        sd_pipeline::ModelFamily::Sd => demo::Defaults {
+            steps: 50,
+            guidance: 7.5,
+        },
+        _ => demo::Defaults {
+            steps: 50,
+            guidance: 5.0,
+        },
+    }
+}
+
+fn random_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (t as u64 ^ (std::process::id() as u64).rotate_left(32)) % (1 << 32)
+}
+
+fn read_latents(path: &Path, device: &Device) -> Result<Tensor> {
+    let mut map = sd_pipeline::core::candle_core::safetensors::load(path, device)
+        .with_context(|| format!("reading --init-latents {}", path.display()))?;
+    let t = map
+        .remove("latents")
+        .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
+    if t.rank() != 4 {
+        bail!(
+            "{}: `latents` has shape {:?}, expected [N, C, H/8, W/8]",
+            path.display(),
+            t.dims()
+        );
+    }
+    Ok(t)
 }

@@ -1,3 +1,41 @@
-//! sd-rs pipelines: text-to-image, image-to-image and the SDXL base + refiner ensemble
+//! sd-rs pipelines: text-to-image, image-to-image and the SDXL base + refiner ensemble.
+//!
+//! Thin by design: [`StableDiffusion`] loads a diffusers folder (or a Hugging Face hub id, see
+//! [`hub`]) into the component crates and runs diffusers' pipeline steps, each a public method
+//! (`encode_prompt`, `prepare_latents`, `denoise`, `decode_latents`); all model maths lives in
+//! sd-clip, sd-unet, sd-vae and sd-schedulers, which are re-exported.
+//!
+//! ```no_run
+//! use sd_pipeline::{GenerateRequest, StableDiffusion, Flow};
+//! use sd_pipeline::core::{LoadOptions, TorchGenerator};
+//! # fn main() -> sd_pipeline::core::Result<()> {
+//! let sd = StableDiffusion::load(std::path::Path::new("models/demo"), &LoadOptions::default())?;
+//! let mut req = GenerateRequest::new("a red circle on a white background");
+//! req.steps = 20;
+//! let mut seed = TorchGenerator::new(42); // same draws as torch.Generator("cpu").manual_seed(42)
+//! let out = sd.generate(&req, &mut seed, &mut |_| Flow::Continue)?;
+//! let images = sd_pipeline::image::to_rgb8(out.images.as_ref().expect("asked for images"))?;
+//! images[0].save("out.png").expect("writable");
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
+
+pub mod hub;
+pub mod image;
+pub mod model_index;
+mod pipeline;
+pub mod request;
+
+pub use model_index::{ModelFamily, ModelIndex};
+pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
+pub use request::{
+    Flow, GenerateRequest, Init, MicroConditioning, OutputType, PromptEmbeds, SchedulerKind,
+    StepInfo,
+};
+
+pub use sd_clip as clip;
+pub use sd_core as core;
+pub use sd_schedulers as schedulers;
+pub use sd_unet as unet;
+pub use sd_vae as vae;

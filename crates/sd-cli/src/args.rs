@@ -1,0 +1,115 @@
+//! Command-line arguments of `sd`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Stable Diffusion (SD 1.x, 2.x, SDXL + refiner) text-to-image and image-to-image.
+#[derive(Debug, Parser)]
+#[command(name = "sd", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate images from a text prompt.
+    Txt2img(Common),
+    /// Generate images from an input image and a prompt.
+    Img2img(Img2Img),
+}
+
+/// img2img's own options.
+#[derive(Debug, Args)]
+pub struct Img2Img {
+    /// The input image (PNG or JPEG); its size must be a multiple of 8.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// How much to change the image, in (0, 1]: the fraction of the schedule that is run.
+    #[arg(long, default_value_t = 0.8)]
+    pub strength: f64,
+    /// Everything txt2img takes.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Weight precision.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit float (exact parity with PyTorch f32).
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Options shared by txt2img and img2img.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// A diffusers folder or a Hugging Face hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0).
+    /// Without it, the small demo model built into this binary is used (64x64 images of coloured
+    /// shapes; see docs/demo-model.md).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// What the image should not show.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps (of the whole schedule, also when a refiner finishes it).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (guidance is off at 1 or below).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Scheduler: a diffusers class name or ddpm, ddim, pndm, euler, euler-a, dpm++2m,
+    /// dpm++2m-karras, heun, lms. Default: the model's own.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Image width in pixels (multiple of 8). Default: the model's native size.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (multiple of 8). Default: the model's native size.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Seed; the same seed gives the same image as diffusers with
+    /// torch.Generator("cpu").manual_seed(seed). Default: a random seed (printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images to generate.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Start from these latents: a safetensors file with a tensor `latents` [N, C, H/8, W/8]
+    /// (unscaled, as diffusers' `latents=`).
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Also write the final latents (before VAE decoding) to this safetensors file as `latents`.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Weight precision.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// cpu, cuda:N or metal (CUDA and Metal need a build with the matching cargo feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight-file variant to prefer, e.g. fp16 (falls back to the plain files).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// An SDXL refiner (folder or hub id) that finishes the schedule after the base.
+    #[arg(long)]
+    pub refiner: Option<String>,
+    /// With --refiner: the fraction of the steps the base runs.
+    #[arg(long, default_value_t = 0.8)]
+    pub high_noise_frac: f64,
+    /// Output PNG. Several images are written as numbered files next to it (out-0.png, ...).
+    #[arg(long, default_value = "out.png")]
+    pub output: PathBuf,
+    /// Replace existing output files (otherwise sd refuses to overwrite them).
+    #[arg(long)]
+    pub overwrite: bool,
+}

@@ -1,0 +1,238 @@
+//! The `sd` binary end to end on the sd1 fixture: same image as diffusers for the same seed,
+//! parameters readable back from the PNG, latents files, numbered outputs, and clear errors that
+//! leave existing files alone.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn sd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args(args)
+        .output()
+        .expect("sd runs")
+}
+
+fn sd1() -> String {
+    root()
+        .join("tests/fixtures/models/sd1")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Pixels and the `parameters` text of a PNG.
+fn read_png(p: &Path) -> (Vec<u8>, u32, u32, String) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let meta = reader.info();
+    let text = meta
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .or_else(|| {
+            meta.utf8_text
+                .iter()
+                .find(|t| t.keyword == "parameters")
+                .map(|t| t.get_text().unwrap())
+        })
+        .unwrap_or_default();
+    (buf, info.width, info.height, text)
+}
+
+fn reference(name: &str, key: &str) -> Vec<f32> {
+    let path = root().join(format!("tests/fixtures/refs/pipeline_{name}.safetensors"));
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    match t.dtype() {
+        safetensors::Dtype::U8 => t.data().iter().map(|&v| v as f32).collect(),
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    }
+}
+
+#[test]
+fn txt2img_matches_diffusers_and_records_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.png");
+    let lat = tmp.path().join("lat.safetensors");
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        &sd1(),
+        "--prompt",
+        "a red circle on a white background",
+        "--negative-prompt",
+        "blurry, dark",
+        "--steps",
+        "5",
+        "--guidance",
+        "7.5",
+        "--seed",
+        "42",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        out.to_str().unwrap(),
+        "--save-latents",
+        lat.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (px, w, h, text) = read_png(&out);
+    assert_eq!((w, h), (64, 64));
+    let want = reference("sd1_txt2img_pndm", "image_u8");
+    let max = px
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f32 - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max <= 2.0, "uint8 image differs from diffusers by {max}");
+    assert!(
+        text.starts_with("a red circle on a white background\nNegative prompt: blurry, dark\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Steps: 5") && text.contains("Seed: 42") && text.contains("Size: 64x64"),
+        "{text}"
+    );
+
+    // The saved latents equal diffusers' output_type="latent".
+    let bytes = std::fs::read(&lat).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("latents").unwrap();
+    assert_eq!(t.shape(), &[1, 4, 8, 8]);
+    let ours: Vec<f32> = t
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let want = reference("sd1_txt2img_pndm", "latents");
+    let max = ours
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max <= 1e-3, "latents differ by {max}");
+}
+
+#[test]
+fn several_images_are_numbered_and_existing_files_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("img.png");
+    let args = [
+        "txt2img",
+        "--model",
+        &sd1(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--num-images",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let o = sd(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a = tmp.path().join("img-0.png");
+    let b = tmp.path().join("img-1.png");
+    assert!(a.is_file() && b.is_file());
+    let before = std::fs::read(&a).unwrap();
+    let o = sd(&args);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("already exists") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        before,
+        "existing file untouched"
+    );
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.png");
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        &sd1(),
+        "--prompt",
+        "x",
+        "--width",
+        "60",
+        "--steps",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("width") && err.contains("multiple of 8"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("stack backtrace"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "x",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model"));
+
+    let o = sd(&[
+        "img2img",
+        "--model",
+        &sd1(),
+        "--prompt",
+        "x",
+        "--image",
+        "/nonexistent.png",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.png"));
+
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        &sd1(),
+        "--prompt",
+        "x",
+        "--scheduler",
+        "warp-drive",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("warp-drive"));
+}

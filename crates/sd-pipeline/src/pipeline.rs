@@ -1,0 +1,768 @@
+//! [`StableDiffusion`]: a loaded model folder, and the generation steps of diffusers'
+//! `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionXLPipeline`
+//! and `StableDiffusionXLImg2ImgPipeline`, each a public method.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use sd_clip::{ClipTextModel, ClipTokenizer, PromptEncoder};
+use sd_core::{Error, LoadOptions, NoiseSource, Result};
+use sd_schedulers::{Scheduler, SchedulerKind};
+use sd_unet::{AddedCond, UNet2DConditionModel};
+use sd_vae::AutoencoderKL;
+
+use crate::model_index::{ModelFamily, ModelIndex};
+use crate::request::{Flow, GenerateRequest, Init, OutputType, PromptEmbeds, StepInfo};
+
+/// A loaded diffusers model folder: text conditioning, UNet, VAE and scheduler config.
+/// Components are held in `Arc`s so pipelines can share them (the SDXL refiner shares the
+/// base's `text_encoder_2` and VAE).
+#[derive(Clone)]
+pub struct StableDiffusion {
+    /// Which family the folder holds.
+    pub family: ModelFamily,
+    /// Tokenizers and text encoders, as the family uses them.
+    pub text: Arc<PromptEncoder>,
+    /// The denoiser.
+    pub unet: Arc<UNet2DConditionModel>,
+    /// The autoencoder.
+    pub vae: Arc<AutoencoderKL>,
+    /// `model_index.json`.
+    pub index: ModelIndex,
+    scheduler_config: PathBuf,
+    device: Device,
+}
+
+impl std::fmt::Debug for StableDiffusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableDiffusion")
+            .field("family", &self.family)
+            .field("index", &self.index.path)
+            .finish()
+    }
+}
+
+/// The final images or latents of a run.
+#[derive(Debug)]
+pub struct Output {
+    /// Final latents `[N, C, h, w]` (always returned).
+    pub latents: Tensor,
+    /// Decoded images `[N, 3, H, W]` in [0, 1] (f32), unless latents were asked for.
+    pub images: Option<Tensor>,
+    /// True when the step callback stopped the run early.
+    pub interrupted: bool,
+}
+
+/// Text conditioning ready for the UNet: classifier-free-guidance batch already built
+/// (`[negative; positive]` when guidance is on) and repeated per image.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[N or 2N, 77, D]`.
+    pub hidden: Tensor,
+    /// SDXL: `[N or 2N, P]`.
+    pub pooled: Option<Tensor>,
+    /// Tokens dropped by truncation, per prompt (the pipeline logs a warning).
+    pub dropped_tokens: Vec<usize>,
+}
+
+fn component(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_dir() {
+        Ok(p)
+    } else {
+        Err(Error::io(
+            &p,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("component folder `{name}` named by model_index.json is missing"),
+            ),
+        ))
+    }
+}
+
+impl StableDiffusion {
+    /// Loads every component of the diffusers folder `dir`.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Self::load_sharing(dir, opts, None)
+    }
+
+    /// Loads the folder `dir`, taking `text_encoder_2` and the VAE from `base` instead of
+    /// loading them again (the SDXL refiner of the ensemble of experts, as the diffusers
+    /// example passes `text_encoder_2=base.text_encoder_2, vae=base.vae`).
+    pub fn load_refiner(dir: &Path, base: &StableDiffusion, opts: &LoadOptions) -> Result<Self> {
+        Self::load_sharing(dir, opts, Some(base))
+    }
+
+    fn load_sharing(
+        dir: &Path,
+        opts: &LoadOptions,
+        base: Option<&StableDiffusion>,
+    ) -> Result<Self> {
+        let index = ModelIndex::read(dir)?;
+        let family = index.family()?;
+        for required in ["unet", "vae", "scheduler"] {
+            if !index.has(required) {
+                return Err(Error::config(
+                    &index.path,
+                    Some(required),
+                    "missing: sd-rs needs unet, vae, scheduler and the text encoder(s)",
+                ));
+            }
+        }
+        let load_te = |name: &str| -> Result<Arc<ClipTextModel>> {
+            Ok(Arc::new(ClipTextModel::load(&component(dir, name)?, opts)?))
+        };
+        let load_tok = |name: &str| -> Result<Arc<ClipTokenizer>> {
+            Ok(Arc::new(ClipTokenizer::from_folder(&component(
+                dir, name,
+            )?)?))
+        };
+        let shared_te2 = base.and_then(|b| text_encoder_2(&b.text));
+        let te2 = |name: &str| -> Result<Arc<ClipTextModel>> {
+            match &shared_te2 {
+                Some(te) => Ok(te.clone()),
+                None => load_te(name),
+            }
+        };
+        let text = match family {
+            ModelFamily::Sd => PromptEncoder::sd(load_tok("tokenizer")?, load_te("text_encoder")?)?,
+            ModelFamily::Sdxl => PromptEncoder::sdxl(
+                load_tok("tokenizer")?,
+                load_te("text_encoder")?,
+                load_tok("tokenizer_2")?,
+                te2("text_encoder_2")?,
+            )?,
+            ModelFamily::SdxlRefiner => {
+                PromptEncoder::refiner(load_tok("tokenizer_2")?, te2("text_encoder_2")?)?
+            }
+        };
+        let unet = Arc::new(UNet2DConditionModel::load(&component(dir, "unet")?, opts)?);
+        let vae = match base {
+            Some(b) => b.vae.clone(),
+            None => Arc::new(AutoencoderKL::load(&component(dir, "vae")?, opts)?),
+        };
+        let scheduler_config = component(dir, "scheduler")?.join("scheduler_config.json");
+        let sd = Self {
+            family,
+            text: Arc::new(text),
+            unet,
+            vae,
+            index,
+            scheduler_config,
+            device: opts.device.clone(),
+        };
+        sd.check_consistency()?;
+        Ok(sd)
+    }
+
+    /// Components must agree: the text width the UNet attends to, latent channels.
+    fn check_consistency(&self) -> Result<()> {
+        let ucfg = self.unet.config();
+        let text_dim = text_width(&self.text);
+        if ucfg.cross_attention_dim != text_dim {
+            return Err(Error::config(
+                self.index.path.with_file_name("unet/config.json"),
+                Some("cross_attention_dim"),
+                format!(
+                    "is {}, but the text encoder(s) produce {text_dim}-wide embeddings",
+                    ucfg.cross_attention_dim
+                ),
+            ));
+        }
+        let lc = self.vae.config().latent_channels;
+        if ucfg.in_channels != lc {
+            return Err(Error::config(
+                self.index.path.with_file_name("unet/config.json"),
+                Some("in_channels"),
+                format!(
+                    "is {}, but the VAE has {lc} latent channels",
+                    ucfg.in_channels
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A fresh scheduler: the model's own (`scheduler/scheduler_config.json`), or `kind` built
+    /// from the same config as diffusers' `from_config`.
+    pub fn scheduler(&self, kind: Option<SchedulerKind>) -> Result<Box<dyn Scheduler>> {
+        sd_schedulers::from_config_file(&self.scheduler_config, kind)
+    }
+
+    /// The dtype the model computes in (the UNet's).
+    pub fn dtype(&self) -> DType {
+        self.unet.dtype()
+    }
+
+    /// Pixels per latent (8 for every SD family).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
+    /// Step 1: prompts to conditioning, as diffusers' `encode_prompt` (negative prompts, the
+    /// SDXL zero negatives, classifier-free-guidance batch, `num_images_per_prompt`).
+    pub fn encode_prompt(&self, req: &GenerateRequest) -> Result<Conditioning> {
+        let cfg = req.guidance_scale > 1.0;
+        let sdxl = self.family != ModelFamily::Sd;
+        let n = req.num_images_per_prompt;
+        let (pos, pos_pooled, neg, neg_pooled, dropped) = match &req.prompt_embeds {
+            Some(e) => self.embeds_from_caller(e, cfg)?,
+            None => {
+                if req.prompts.is_empty() {
+                    return Err(Error::invalid_argument(
+                        "prompts",
+                        "none",
+                        "at least one prompt",
+                    ));
+                }
+                let b = req.prompts.len();
+                let p = self.text.encode(&req.prompts, req.clip_skip)?;
+                let mut neg = (None, None);
+                if cfg {
+                    let zero = sdxl
+                        && req.negative_prompts.is_empty()
+                        && self.index.force_zeros_for_empty_prompt;
+                    if zero {
+                        neg = (
+                            Some(p.hidden.zeros_like()?),
+                            p.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+                        );
+                    } else {
+                        let negs: Vec<String> = match req.negative_prompts.len() {
+                            0 => vec![String::new(); b],
+                            1 => vec![req.negative_prompts[0].clone(); b],
+                            k if k == b => req.negative_prompts.clone(),
+                            k => {
+                                return Err(Error::invalid_argument(
+                                    "negative_prompts",
+                                    format!("{k} prompts"),
+                                    format!("0, 1 or {b} (one per prompt)"),
+                                ))
+                            }
+                        };
+                        // diffusers encodes negatives without clip_skip.
+                        let c = self.text.encode(&negs, None)?;
+                        neg = (Some(c.hidden), c.pooled);
+                    }
+                }
+                (p.hidden, p.pooled, neg.0, neg.1, p.dropped_tokens)
+            }
+        };
+        for (i, d) in dropped.iter().enumerate() {
+            if *d > 0 {
+                log::warn!(
+                    "prompt {i}: {d} tokens beyond the 77-token limit were dropped (CLIP truncates)"
+                );
+            }
+        }
+        let rep3 = |t: Tensor| -> Result<Tensor> { Ok(t.repeat_interleave_batch(n)?) };
+        let pos = rep3(pos)?;
+        let pos_pooled = pos_pooled.map(rep3).transpose()?;
+        let (hidden, pooled) = if cfg {
+            let neg = neg.ok_or_else(|| {
+                Error::invalid_argument(
+                    "negative_prompt_embeds",
+                    "none",
+                    "embeddings when guidance_scale > 1",
+                )
+            })?;
+            let hidden = Tensor::cat(&[rep3(neg)?, pos], 0)?;
+            let pooled = match (neg_pooled, pos_pooled) {
+                (Some(np), Some(pp)) => Some(Tensor::cat(&[rep3(np)?, pp], 0)?),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::invalid_argument(
+                        "pooled_prompt_embeds",
+                        "given for only one of prompt / negative prompt",
+                        "both or neither",
+                    ))
+                }
+            };
+            (hidden, pooled)
+        } else {
+            (pos, pos_pooled)
+        };
+        if sdxl && pooled.is_none() {
+            return Err(Error::invalid_argument(
+                "pooled_prompt_embeds",
+                "none",
+                "pooled embeddings for SDXL",
+            ));
+        }
+        Ok(Conditioning {
+            hidden: hidden.to_dtype(self.dtype())?,
+            pooled,
+            dropped_tokens: dropped,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn embeds_from_caller(
+        &self,
+        e: &PromptEmbeds,
+        cfg: bool,
+    ) -> Result<(
+        Tensor,
+        Option<Tensor>,
+        Option<Tensor>,
+        Option<Tensor>,
+        Vec<usize>,
+    )> {
+        let b = e.prompt_embeds.dim(0)?;
+        let neg = match (&e.negative_prompt_embeds, cfg) {
+            (Some(n), _) => Some(n.clone()),
+            (None, true)
+                if self.family != ModelFamily::Sd && self.index.force_zeros_for_empty_prompt =>
+            {
+                Some(e.prompt_embeds.zeros_like()?)
+            }
+            (None, _) => None,
+        };
+        let neg_pooled = match (
+            &e.negative_pooled_prompt_embeds,
+            &e.pooled_prompt_embeds,
+            cfg,
+        ) {
+            (Some(n), _, _) => Some(n.clone()),
+            (None, Some(p), true) if self.index.force_zeros_for_empty_prompt => {
+                Some(p.zeros_like()?)
+            }
+            _ => None,
+        };
+        Ok((
+            e.prompt_embeds.clone(),
+            e.pooled_prompt_embeds.clone(),
+            neg,
+            neg_pooled,
+            vec![0; b],
+        ))
+    }
+
+    /// The image size of a request, validated (multiples of the VAE factor) with UNet defaults.
+    pub fn resolve_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        let (dh, dw) = self.unet.config().sample_size.unwrap_or((64, 64));
+        let default = (dh * f, dw * f);
+        let from_init = match &req.init {
+            Init::Image { image, .. } => Some((image.dim(2)?, image.dim(3)?)),
+            Init::Latents(l) | Init::Continue { latents: l, .. } => {
+                Some((l.dim(2)? * f, l.dim(3)? * f))
+            }
+            Init::Noise => None,
+        };
+        let (h, w) = match from_init {
+            Some(hw) => hw,
+            None => (
+                req.height.unwrap_or(default.0),
+                req.width.unwrap_or(default.1),
+            ),
+        };
+        for (name, v) in [("height", h), ("width", w)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::invalid_argument(
+                    name,
+                    v,
+                    format!("a positive multiple of {f}"),
+                ));
+            }
+        }
+        Ok((h, w))
+    }
+
+    /// Runs the whole generation: encode the prompts, prepare the latents, denoise, decode.
+    /// `noise` supplies every random draw, in diffusers' order (a [`sd_core::TorchGenerator`]
+    /// seeded like `torch.Generator("cpu").manual_seed(seed)` reproduces diffusers).
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(StepInfo<'_>) -> Flow,
+    ) -> Result<Output> {
+        if req.steps == 0 {
+            return Err(Error::invalid_argument("steps", 0, "at least 1"));
+        }
+        if req.num_images_per_prompt == 0 {
+            return Err(Error::invalid_argument(
+                "num_images_per_prompt",
+                0,
+                "at least 1",
+            ));
+        }
+        let (height, width) = self.resolve_size(req)?;
+        let cond = self.encode_prompt(req)?;
+        let mut scheduler = self.scheduler(req.scheduler)?;
+        scheduler.set_timesteps(req.steps)?;
+        let (start, end) = self.step_range(scheduler.as_ref(), req)?;
+        let latents = self.prepare_latents(
+            req,
+            scheduler.as_ref(),
+            start,
+            (height, width),
+            &cond,
+            noise,
+        )?;
+        let added = self.added_conditioning(req, (height, width), &cond)?;
+        let (latents, interrupted) = self.denoise(
+            scheduler.as_mut(),
+            latents,
+            &cond,
+            added.as_ref(),
+            req,
+            start..end,
+            noise,
+            on_step,
+        )?;
+        let images = match req.output {
+            OutputType::Latents => None,
+            OutputType::Image => Some(self.decode_latents(&latents)?),
+        };
+        Ok(Output {
+            latents,
+            images,
+            interrupted,
+        })
+    }
+
+    /// The step indices this request runs: image-to-image starts part-way through
+    /// (`strength`, `denoising_start`), the SDXL base may stop early (`denoising_end`).
+    pub fn step_range(&self, s: &dyn Scheduler, req: &GenerateRequest) -> Result<(usize, usize)> {
+        let start = match &req.init {
+            Init::Image { strength, .. } => {
+                if !(*strength > 0.0 && *strength <= 1.0) {
+                    return Err(Error::invalid_argument(
+                        "strength",
+                        strength,
+                        "a value in (0, 1]",
+                    ));
+                }
+                s.start_index_for_strength(req.steps, *strength)?
+            }
+            Init::Continue {
+                denoising_start, ..
+            } => {
+                check_fraction("denoising_start", *denoising_start)?;
+                s.start_index_for_denoising_start(*denoising_start)?
+            }
+            _ => 0,
+        };
+        let end = match req.denoising_end {
+            Some(f) => {
+                check_fraction("denoising_end", f)?;
+                s.end_index_for_denoising_end(f)?
+            }
+            None => s.timesteps().len(),
+        };
+        if start >= end {
+            return Err(Error::invalid_argument(
+                "strength / denoising_start / denoising_end",
+                format!("steps {start}..{end} of {}", s.timesteps().len()),
+                "at least one denoising step; raise steps or strength",
+            ));
+        }
+        Ok((start, end))
+    }
+
+    /// Step 2: initial latents, as diffusers' `prepare_latents` (txt2img: noise times
+    /// `init_noise_sigma`; img2img: VAE-encoded image sampled with `noise`, scaled, then noised to
+    /// the start step; ensemble: the given latents untouched).
+    pub fn prepare_latents(
+        &self,
+        req: &GenerateRequest,
+        s: &dyn Scheduler,
+        start: usize,
+        (height, width): (usize, usize),
+        cond: &Conditioning,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let f = self.vae_scale_factor();
+        let batch = cond.hidden.dim(0)? / if req.guidance_scale > 1.0 { 2 } else { 1 };
+        let c = self.unet.config().in_channels;
+        let shape = [batch, c, height / f, width / f];
+        let dtype = self.dtype();
+        match &req.init {
+            Init::Noise => {
+                let n = noise.randn_tensor(&shape, dtype, &self.device)?;
+                Ok((n * s.init_noise_sigma())?)
+            }
+            Init::Latents(l) => {
+                check_shape("latents", l, &shape)?;
+                Ok((l.to_dtype(dtype)?.to_device(&self.device)? * s.init_noise_sigma())?)
+            }
+            Init::Continue { latents, .. } => {
+                let l = expand_batch("latents", latents, batch)?;
+                check_shape("latents", &l, &shape)?;
+                Ok(l.to_dtype(dtype)?.to_device(&self.device)?)
+            }
+            Init::Image { image, .. } => {
+                let image = image.to_device(&self.device)?;
+                if image.dim(1)? != 3 {
+                    return Err(Error::invalid_argument(
+                        "image",
+                        format!("{:?}", image.dims()),
+                        "[N, 3, H, W] RGB",
+                    ));
+                }
+                let init = self
+                    .vae
+                    .latents_from_image(&image, noise)?
+                    .to_dtype(dtype)?;
+                let init = expand_batch("image", &init, batch)?;
+                let eps = noise.randn_tensor(init.dims(), dtype, &self.device)?;
+                s.add_noise(&init, &eps, start)
+            }
+        }
+    }
+
+    /// SDXL `added_cond_kwargs`: pooled text embeddings and the time ids (size and crop
+    /// micro-conditioning; the refiner's aesthetic score), CFG batch included.
+    pub fn added_conditioning(
+        &self,
+        req: &GenerateRequest,
+        (height, width): (usize, usize),
+        cond: &Conditioning,
+    ) -> Result<Option<AddedCond>> {
+        let Some(pooled) = &cond.pooled else {
+            return Ok(None);
+        };
+        if self.family == ModelFamily::Sd {
+            return Ok(None);
+        }
+        let m = &req.micro;
+        let orig = m.original_size.unwrap_or((height, width));
+        let target = m.target_size.unwrap_or((height, width));
+        let crop = m.crops_coords_top_left;
+        let (pos, neg): (Vec<f64>, Vec<f64>) = if self.index.requires_aesthetics_score {
+            let nsize = m.negative_original_size.unwrap_or(orig);
+            let ncrop = m.negative_crops_coords_top_left.unwrap_or(crop);
+            (
+                vec![
+                    orig.0 as f64,
+                    orig.1 as f64,
+                    crop.0 as f64,
+                    crop.1 as f64,
+                    m.aesthetic_score,
+                ],
+                vec![
+                    nsize.0 as f64,
+                    nsize.1 as f64,
+                    ncrop.0 as f64,
+                    ncrop.1 as f64,
+                    m.negative_aesthetic_score,
+                ],
+            )
+        } else {
+            let nsize = m.negative_original_size.unwrap_or(orig);
+            let ncrop = m.negative_crops_coords_top_left.unwrap_or(crop);
+            let ntarget = m.negative_target_size.unwrap_or(target);
+            let ids = |o: (usize, usize), c: (usize, usize), t: (usize, usize)| {
+                [o.0, o.1, c.0, c.1, t.0, t.1].map(|v| v as f64).to_vec()
+            };
+            (ids(orig, crop, target), ids(nsize, ncrop, ntarget))
+        };
+        let ucfg = self.unet.config();
+        let expected = match &ucfg.text_time {
+            Some(tt) if tt.addition_time_embed_dim > 0 => {
+                tt.projection_class_embeddings_input_dim
+                    .saturating_sub(pooled.dim(1)?)
+                    / tt.addition_time_embed_dim
+            }
+            _ => pos.len(),
+        };
+        if expected != pos.len() {
+            return Err(Error::config(
+                self.index.path.clone(),
+                Some("requires_aesthetics_score"),
+                format!(
+                    "the UNet expects {expected} time ids but this pipeline builds {}; \
+                     requires_aesthetics_score must be true for the refiner and false for the base",
+                    pos.len()
+                ),
+            ));
+        }
+        let rows = pooled.dim(0)?;
+        let cfg = req.guidance_scale > 1.0;
+        let half = if cfg { rows / 2 } else { rows };
+        let mut data = Vec::with_capacity(rows * pos.len());
+        for r in 0..rows {
+            let src = if cfg && r < half { &neg } else { &pos };
+            data.extend(src.iter().map(|v| *v as f32));
+        }
+        let time_ids =
+            Tensor::from_vec(data, (rows, pos.len()), &self.device)?.to_dtype(self.dtype())?;
+        Ok(Some(AddedCond {
+            text_embeds: pooled.to_dtype(self.dtype())?,
+            time_ids,
+        }))
+    }
+
+    /// Step 3: the denoising loop over step indices `steps`, with classifier-free guidance and
+    /// `guidance_rescale`; `on_step` sees the latents after every step and may stop the run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise(
+        &self,
+        scheduler: &mut dyn Scheduler,
+        mut latents: Tensor,
+        cond: &Conditioning,
+        added: Option<&AddedCond>,
+        req: &GenerateRequest,
+        steps: std::ops::Range<usize>,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(StepInfo<'_>) -> Flow,
+    ) -> Result<(Tensor, bool)> {
+        let cfg = req.guidance_scale > 1.0;
+        let total = steps.len();
+        for (k, i) in steps.enumerate() {
+            let t = *scheduler.timesteps().get(i).ok_or_else(|| {
+                Error::invalid_argument(
+                    "step index",
+                    i,
+                    format!("below {}", scheduler.timesteps().len()),
+                )
+            })?;
+            let input = if cfg {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, i)?;
+            let pred = self.unet.forward(&input, t, &cond.hidden, added)?;
+            let pred = if cfg {
+                let n = latents.dim(0)?;
+                let uncond = pred.narrow(0, 0, n)?;
+                let text = pred.narrow(0, n, n)?;
+                let guided = (&uncond + ((&text - &uncond)? * req.guidance_scale)?)?;
+                if req.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&guided, &text, req.guidance_rescale)?
+                } else {
+                    guided
+                }
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, i, &latents, noise)?.prev_sample;
+            if on_step(StepInfo {
+                step: k,
+                total,
+                timestep: t,
+                latents: &latents,
+            }) == Flow::Stop
+            {
+                return Ok((latents, true));
+            }
+        }
+        Ok((latents, false))
+    }
+
+    /// Step 4: latents to images `[N, 3, H, W]` in [0, 1] (f32), as diffusers' VAE decode and
+    /// `VaeImageProcessor.postprocess` (NaN/inf is an error, never a black image).
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let image = self.vae.image_from_latents(latents)?;
+        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
+
+/// The shared `text_encoder_2` of an SDXL base or refiner.
+pub fn text_encoder_2(text: &PromptEncoder) -> Option<Arc<ClipTextModel>> {
+    match text {
+        PromptEncoder::Sdxl { text_encoder_2, .. }
+        | PromptEncoder::Refiner { text_encoder_2, .. } => Some(text_encoder_2.clone()),
+        PromptEncoder::Sd { .. } => None,
+    }
+}
+
+/// Width of the embeddings the text side hands the UNet (SDXL: both encoders concatenated).
+fn text_width(text: &PromptEncoder) -> usize {
+    match text {
+        PromptEncoder::Sd { text_encoder, .. } => text_encoder.config().hidden_size,
+        PromptEncoder::Sdxl {
+            text_encoder,
+            text_encoder_2,
+            ..
+        } => text_encoder.config().hidden_size + text_encoder_2.config().hidden_size,
+        PromptEncoder::Refiner { text_encoder_2, .. } => text_encoder_2.config().hidden_size,
+    }
+}
+
+/// diffusers' `rescale_noise_cfg`: match the guided prediction's per-sample std to the text
+/// prediction's (unbiased std over all but the batch axis), mixed by `phi`.
+fn rescale_noise_cfg(guided: &Tensor, text: &Tensor, phi: f64) -> Result<Tensor> {
+    let std = |t: &Tensor| -> Result<Tensor> {
+        let flat = t.to_dtype(DType::F32)?.flatten_from(1)?;
+        let n = flat.dim(1)? as f64;
+        let mean = flat.mean_keepdim(D::Minus1)?;
+        let var = (flat.broadcast_sub(&mean)?.sqr()?.sum_keepdim(D::Minus1)? / (n - 1.0).max(1.0))?;
+        Ok(var.sqrt()?)
+    };
+    let ratio = (std(text)? / std(guided)?)?;
+    let shape: Vec<usize> = std::iter::once(guided.dim(0)?)
+        .chain(std::iter::repeat_n(1, guided.rank() - 1))
+        .collect();
+    let ratio = ratio.reshape(shape)?.to_dtype(guided.dtype())?;
+    let rescaled = guided.broadcast_mul(&ratio)?;
+    Ok(((rescaled * phi)? + (guided * (1.0 - phi))?)?)
+}
+
+fn check_fraction(name: &str, f: f64) -> Result<()> {
+    if f > 0.0 && f < 1.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid_argument(
+            name,
+            f,
+            "a fraction strictly between 0 and 1",
+        ))
+    }
+}
+
+fn check_shape(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.dims() == want {
+        Ok(())
+    } else {
+        Err(Error::invalid_argument(
+            name,
+            format!("shape {:?}", t.dims()),
+            format!("shape {want:?}"),
+        ))
+    }
+}
+
+/// Repeats a batch of 1 (or of k dividing `batch`) to `batch` entries, as diffusers duplicates
+/// the init image latents for several images per prompt.
+fn expand_batch(name: &str, t: &Tensor, batch: usize) -> Result<Tensor> {
+    let b = t.dim(0)?;
+    if b == batch {
+        Ok(t.clone())
+    } else if b > 0 && batch % b == 0 {
+        Ok(Tensor::cat(&vec![t.clone(); batch / b], 0)?)
+    } else {
+        Err(Error::invalid_argument(
+            name,
+            format!("a batch of {b}"),
+            format!("1 or a divisor of {batch}"),
+        ))
+    }
+}
+
+trait RepeatBatch {
+    fn repeat_interleave_batch(&self, n: usize) -> candle_core::Result<Tensor>;
+}
+
+impl RepeatBatch for Tensor {
+    /// `[B, ...]` -> `[B·n, ...]` with each entry repeated n times in a row (diffusers'
+    /// `repeat(1, n, 1).view(B * n, ...)`).
+    fn repeat_interleave_batch(&self, n: usize) -> candle_core::Result<Tensor> {
+        if n == 1 {
+            return Ok(self.clone());
+        }
+        let b = self.dim(0)?;
+        let mut parts = Vec::with_capacity(b * n);
+        for i in 0..b {
+            let row = self.narrow(0, i, 1)?;
+            for _ in 0..n {
+                parts.push(row.clone());
+            }
+        }
+        Tensor::cat(&parts, 0)
+    }
+}
