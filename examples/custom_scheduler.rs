@@ -1,12 +1,13 @@
-//! A scheduler written outside sd-rs, against the public `Scheduler` trait, driving a small
-//! denoising loop with a dummy model. The pipeline's `denoise` takes any `&mut dyn Scheduler`,
-//! so this scheduler plugs into it exactly as the loop below uses it.
+//! A scheduler written outside sd-rs, against the public `Scheduler` trait: first checked
+//! against the built-in Euler in a small loop with a dummy model, then plugged into the real
+//! pipeline (`StableDiffusion::generate_with`) on the tiny sd1 fixture model.
 //!
 //!     cargo run --example custom_scheduler
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use sd_rs::core::{NoiseSource, TorchGenerator};
+use sd_rs::core::{LoadOptions, NoiseSource, TorchGenerator};
+use sd_rs::pipeline::{Flow, GenerateRequest, StableDiffusion, StepInfo};
 use sd_rs::schedulers::schedule::{
     interp, spaced_timesteps, BetaSchedule, NoiseSchedule, TimestepSpacing,
 };
@@ -126,6 +127,27 @@ fn main() -> Result<()> {
     println!(
         "final latent std {:.4}",
         mine.flatten_all()?.var(0)?.sqrt()?.to_scalar::<f32>()?
+    );
+
+    // The same scheduler in the pipeline (tiny random-weight fixture model, so the image is noise).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/sd1");
+    let sd = StableDiffusion::load(&dir, &LoadOptions::default())?;
+    let mut req = GenerateRequest::new("a red circle on a white background");
+    req.steps = 10;
+    let mut on_step = |s: StepInfo<'_>| {
+        println!("step {}/{} at t={:.1}", s.step + 1, s.total, s.timestep);
+        Flow::Continue
+    };
+    let out = sd.generate_with(
+        &req,
+        &mut MyEuler::new()?,
+        &mut TorchGenerator::new(0),
+        &mut on_step,
+    )?;
+    println!(
+        "pipeline with MyEuler: latents {:?}, image {:?}",
+        out.latents.dims(),
+        out.images.map(|i| i.dims().to_vec())
     );
     Ok(())
 }

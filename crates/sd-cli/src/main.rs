@@ -20,7 +20,37 @@ use sd_pipeline::{
 
 use args::{Cli, Command, Common, DTypeArg};
 
+/// Prints the library's warnings (dropped prompt tokens, variant fallback, unknown config keys)
+/// to stderr; `SD_LOG=debug` shows more.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let level = if r.level() == log::Level::Warn {
+                "warning".to_owned()
+            } else {
+                r.level().as_str().to_lowercase()
+            };
+            eprintln!("{level}: {}", r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
+    let level = match std::env::var("SD_LOG").as_deref() {
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("off") => log::LevelFilter::Off,
+        _ => log::LevelFilter::Warn,
+    };
+    if log::set_logger(&StderrLogger).is_ok() {
+        log::set_max_level(level);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

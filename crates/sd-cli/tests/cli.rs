@@ -236,3 +236,74 @@ fn bad_arguments_fail_cleanly() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("warp-drive"));
 }
+
+fn max_u8_diff(png: &Path, case: &str) -> f32 {
+    let (px, _, _, _) = read_png(png);
+    let want = reference(case, "image_u8");
+    assert_eq!(px.len(), want.len(), "{case}: image size");
+    px.iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f32 - b).abs())
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn refiner_ensemble_and_img2img_match_diffusers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = root().join("tests/fixtures");
+    let ens = tmp.path().join("ens.png");
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        fx.join("models/sdxl").to_str().unwrap(),
+        "--refiner",
+        fx.join("models/refiner").to_str().unwrap(),
+        "--high-noise-frac",
+        "0.8",
+        "--prompt",
+        "a lighthouse in a storm",
+        "--negative-prompt",
+        "calm",
+        "--steps",
+        "10",
+        "--guidance",
+        "5",
+        "--seed",
+        "41",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        ens.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(max_u8_diff(&ens, "sdxl_ensemble") <= 1.0);
+
+    let i2i = tmp.path().join("i2i.png");
+    let o = sd(&[
+        "img2img",
+        "--model",
+        fx.join("models/refiner").to_str().unwrap(),
+        "--image",
+        fx.join("refs/pipeline_init.png").to_str().unwrap(),
+        "--strength",
+        "0.3",
+        "--prompt",
+        "a sharp detailed photo",
+        "--negative-prompt",
+        "blur",
+        "--steps",
+        "10",
+        "--guidance",
+        "5",
+        "--seed",
+        "31",
+        "--output",
+        i2i.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(max_u8_diff(&i2i, "refiner_img2img") <= 1.0);
+    let (_, _, _, text) = read_png(&i2i);
+    assert!(text.contains("Denoising strength: 0.3"), "{text}");
+}

@@ -379,6 +379,19 @@ impl StableDiffusion {
         noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(StepInfo<'_>) -> Flow,
     ) -> Result<Output> {
+        let mut scheduler = self.scheduler(req.scheduler)?;
+        self.generate_with(req, scheduler.as_mut(), noise, on_step)
+    }
+
+    /// [`StableDiffusion::generate`] with a scheduler of the caller's (any implementation of
+    /// [`Scheduler`], including one written outside sd-rs); `req.scheduler` is ignored.
+    pub fn generate_with(
+        &self,
+        req: &GenerateRequest,
+        scheduler: &mut dyn Scheduler,
+        noise: &mut dyn NoiseSource,
+        on_step: &mut dyn FnMut(StepInfo<'_>) -> Flow,
+    ) -> Result<Output> {
         if req.steps == 0 {
             return Err(Error::invalid_argument("steps", 0, "at least 1"));
         }
@@ -391,20 +404,12 @@ impl StableDiffusion {
         }
         let (height, width) = self.resolve_size(req)?;
         let cond = self.encode_prompt(req)?;
-        let mut scheduler = self.scheduler(req.scheduler)?;
         scheduler.set_timesteps(req.steps)?;
-        let (start, end) = self.step_range(scheduler.as_ref(), req)?;
-        let latents = self.prepare_latents(
-            req,
-            scheduler.as_ref(),
-            start,
-            (height, width),
-            &cond,
-            noise,
-        )?;
+        let (start, end) = self.step_range(scheduler, req)?;
+        let latents = self.prepare_latents(req, scheduler, start, (height, width), &cond, noise)?;
         let added = self.added_conditioning(req, (height, width), &cond)?;
         let (latents, interrupted) = self.denoise(
-            scheduler.as_mut(),
+            scheduler,
             latents,
             &cond,
             added.as_ref(),
@@ -640,14 +645,16 @@ impl StableDiffusion {
             } else {
                 pred
             };
-            latents = scheduler.step(&pred, i, &latents, noise)?.prev_sample;
-            if on_step(StepInfo {
+            let out = scheduler.step(&pred, i, &latents, noise)?;
+            latents = out.prev_sample;
+            let info = StepInfo {
                 step: k,
                 total,
                 timestep: t,
                 latents: &latents,
-            }) == Flow::Stop
-            {
+                pred_original: out.pred_original_sample.as_ref(),
+            };
+            if on_step(info) == Flow::Stop {
                 return Ok((latents, true));
             }
         }

@@ -161,6 +161,9 @@ pub struct StepInfo<'a> {
     pub timestep: f64,
     /// The latents after the step.
     pub latents: &'a Tensor,
+    /// The scheduler's estimate of the final latents (x0), when it forms one: decode it with
+    /// [`crate::StableDiffusion::decode_latents`] for a preview.
+    pub pred_original: Option<&'a Tensor>,
 }
 
 /// What the step callback returns.
@@ -168,6 +171,7 @@ pub struct StepInfo<'a> {
 pub enum Flow {
     /// Go on.
     Continue,
-    /// Stop now: the run ends with an [`sd_core::Error::InvalidArgument`]-free `Interrupted` result.
+    /// Stop now: the run ends early and returns the latents so far, with
+    /// [`crate::Output::interrupted`] set (as diffusers' `interrupt`).
     Stop,
 }
