@@ -35,19 +35,16 @@ pub fn to_rgb8(images: &Tensor) -> Result<Vec<RgbImage>> {
         .collect()
 }
 
-/// An RGB8 image to a `[1, 3, H, W]` tensor in [-1, 1] (diffusers' `preprocess` + `normalize`).
+/// An RGB8 image to a `[1, 3, H, W]` tensor in [-1, 1] (diffusers' `preprocess` + `normalize`,
+/// via [`sd_vae::image::preprocess`]).
 pub fn from_rgb8(image: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = image.dimensions();
-    let data: Vec<f32> = image
-        .as_raw()
-        .iter()
-        .map(|&v| v as f32 / 255.0 * 2.0 - 1.0)
-        .collect();
-    Ok(
-        Tensor::from_vec(data, (1, h as usize, w as usize, 3), device)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?,
-    )
+    let pixels = Tensor::from_vec(
+        image.as_raw().clone(),
+        (1, h as usize, w as usize, 3),
+        device,
+    )?;
+    sd_vae::image::preprocess(&pixels)
 }
 
 /// Reads an image file (PNG or JPEG) as RGB8; errors name the file.
