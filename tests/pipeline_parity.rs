@@ -159,3 +159,38 @@ fn refiner_shares_the_base_text_encoder_2_and_vae() {
         "one text_encoder_2 in memory"
     );
 }
+
+#[test]
+fn precomputed_embeddings_give_the_same_images() {
+    let sd = StableDiffusion::load(&model("sd1"), &LoadOptions::default()).unwrap();
+    let refs =
+        load_tensors(&fixtures_dir().join("refs/pipeline_sd1_txt2img_pndm.safetensors")).unwrap();
+    let pos = sd
+        .text
+        .encode(&["a red circle on a white background".to_string()], None)
+        .unwrap();
+    let neg = sd.text.encode(&["blurry, dark".to_string()], None).unwrap();
+    for with_negative_embeds in [true, false] {
+        let mut req = GenerateRequest::new("");
+        req.prompts.clear();
+        req.steps = 5;
+        req.prompt_embeds = Some(sd_rs::pipeline::PromptEmbeds {
+            prompt_embeds: pos.hidden.clone(),
+            negative_prompt_embeds: with_negative_embeds.then(|| neg.hidden.clone()),
+            pooled_prompt_embeds: None,
+            negative_pooled_prompt_embeds: None,
+        });
+        if !with_negative_embeds {
+            // diffusers encodes the negative prompt itself when only prompt_embeds are given
+            req.negative_prompts = vec!["blurry, dark".into()];
+        }
+        let out = sd
+            .generate(&req, &mut TorchGenerator::new(42), &mut |_| Flow::Continue)
+            .unwrap();
+        let (d, _) = compare(&out.latents, &refs["latents"], LATENT_ATOL, 0.0).unwrap();
+        assert!(
+            d <= LATENT_ATOL,
+            "negative embeds given: {with_negative_embeds}: {d}"
+        );
+    }
+}

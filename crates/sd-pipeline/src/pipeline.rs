@@ -13,7 +13,7 @@ use sd_unet::{AddedCond, UNet2DConditionModel};
 use sd_vae::AutoencoderKL;
 
 use crate::model_index::{ModelFamily, ModelIndex};
-use crate::request::{Flow, GenerateRequest, Init, OutputType, PromptEmbeds, StepInfo};
+use crate::request::{Flow, GenerateRequest, Init, OutputType, StepInfo};
 
 /// A loaded diffusers model folder: text conditioning, UNet, VAE and scheduler config.
 /// Components are held in `Arc`s so pipelines can share them (the SDXL refiner shares the
@@ -207,7 +207,27 @@ impl StableDiffusion {
         let sdxl = self.family != ModelFamily::Sd;
         let n = req.num_images_per_prompt;
         let (pos, pos_pooled, neg, neg_pooled, dropped) = match &req.prompt_embeds {
-            Some(e) => self.embeds_from_caller(e, cfg)?,
+            Some(e) => {
+                let b = e.prompt_embeds.dim(0)?;
+                let (mut neg, mut neg_pooled) = (
+                    e.negative_prompt_embeds.clone(),
+                    e.negative_pooled_prompt_embeds.clone(),
+                );
+                let need_pooled = sdxl && neg_pooled.is_none();
+                if cfg && (neg.is_none() || need_pooled) {
+                    let (n, np) =
+                        self.negatives(req, b, &e.prompt_embeds, e.pooled_prompt_embeds.as_ref())?;
+                    neg = neg.or(Some(n));
+                    neg_pooled = neg_pooled.or(np);
+                }
+                (
+                    e.prompt_embeds.clone(),
+                    e.pooled_prompt_embeds.clone(),
+                    neg,
+                    neg_pooled,
+                    vec![0; b],
+                )
+            }
             None => {
                 if req.prompts.is_empty() {
                     return Err(Error::invalid_argument(
@@ -216,37 +236,15 @@ impl StableDiffusion {
                         "at least one prompt",
                     ));
                 }
-                let b = req.prompts.len();
                 let p = self.text.encode(&req.prompts, req.clip_skip)?;
-                let mut neg = (None, None);
-                if cfg {
-                    let zero = sdxl
-                        && req.negative_prompts.is_empty()
-                        && self.index.force_zeros_for_empty_prompt;
-                    if zero {
-                        neg = (
-                            Some(p.hidden.zeros_like()?),
-                            p.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
-                        );
-                    } else {
-                        let negs: Vec<String> = match req.negative_prompts.len() {
-                            0 => vec![String::new(); b],
-                            1 => vec![req.negative_prompts[0].clone(); b],
-                            k if k == b => req.negative_prompts.clone(),
-                            k => {
-                                return Err(Error::invalid_argument(
-                                    "negative_prompts",
-                                    format!("{k} prompts"),
-                                    format!("0, 1 or {b} (one per prompt)"),
-                                ))
-                            }
-                        };
-                        // diffusers encodes negatives without clip_skip.
-                        let c = self.text.encode(&negs, None)?;
-                        neg = (Some(c.hidden), c.pooled);
-                    }
-                }
-                (p.hidden, p.pooled, neg.0, neg.1, p.dropped_tokens)
+                let (neg, neg_pooled) = if cfg {
+                    let (n, np) =
+                        self.negatives(req, req.prompts.len(), &p.hidden, p.pooled.as_ref())?;
+                    (Some(n), np)
+                } else {
+                    (None, None)
+                };
+                (p.hidden, p.pooled, neg, neg_pooled, p.dropped_tokens)
             }
         };
         for (i, d) in dropped.iter().enumerate() {
@@ -297,46 +295,38 @@ impl StableDiffusion {
         })
     }
 
-    #[allow(clippy::type_complexity)]
-    fn embeds_from_caller(
+    /// Negative conditioning for `b` prompts, as diffusers' `encode_prompt`: zeros for SDXL
+    /// without a negative prompt when the model asks for it (`force_zeros_for_empty_prompt`),
+    /// otherwise the negative prompts (none: `""`; one: for every prompt) encoded without
+    /// `clip_skip`.
+    fn negatives(
         &self,
-        e: &PromptEmbeds,
-        cfg: bool,
-    ) -> Result<(
-        Tensor,
-        Option<Tensor>,
-        Option<Tensor>,
-        Option<Tensor>,
-        Vec<usize>,
-    )> {
-        let b = e.prompt_embeds.dim(0)?;
-        let neg = match (&e.negative_prompt_embeds, cfg) {
-            (Some(n), _) => Some(n.clone()),
-            (None, true)
-                if self.family != ModelFamily::Sd && self.index.force_zeros_for_empty_prompt =>
-            {
-                Some(e.prompt_embeds.zeros_like()?)
+        req: &GenerateRequest,
+        b: usize,
+        like: &Tensor,
+        like_pooled: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let sdxl = self.family != ModelFamily::Sd;
+        if sdxl && req.negative_prompts.is_empty() && self.index.force_zeros_for_empty_prompt {
+            return Ok((
+                like.zeros_like()?,
+                like_pooled.map(Tensor::zeros_like).transpose()?,
+            ));
+        }
+        let negs: Vec<String> = match req.negative_prompts.len() {
+            0 => vec![String::new(); b],
+            1 => vec![req.negative_prompts[0].clone(); b],
+            k if k == b => req.negative_prompts.clone(),
+            k => {
+                return Err(Error::invalid_argument(
+                    "negative_prompts",
+                    format!("{k} prompts"),
+                    format!("0, 1 or {b} (one per prompt)"),
+                ))
             }
-            (None, _) => None,
         };
-        let neg_pooled = match (
-            &e.negative_pooled_prompt_embeds,
-            &e.pooled_prompt_embeds,
-            cfg,
-        ) {
-            (Some(n), _, _) => Some(n.clone()),
-            (None, Some(p), true) if self.index.force_zeros_for_empty_prompt => {
-                Some(p.zeros_like()?)
-            }
-            _ => None,
-        };
-        Ok((
-            e.prompt_embeds.clone(),
-            e.pooled_prompt_embeds.clone(),
-            neg,
-            neg_pooled,
-            vec![0; b],
-        ))
+        let c = self.text.encode(&negs, None)?;
+        Ok((c.hidden, c.pooled))
     }
 
     /// The image size of a request, validated (multiples of the VAE factor) with UNet defaults.
