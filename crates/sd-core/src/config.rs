@@ -18,9 +18,12 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     parse_json(&text, path)
 }
 
-/// Parses JSON text that came from `path` (used in error messages).
+/// Parses JSON text that came from `path` (used in error messages). The bare `NaN`, `Infinity`
+/// and `-Infinity` tokens that Python's `json` writes (diffusers saves DPM-Solver's
+/// `"lambda_min_clipped": -Infinity` that way) are read as `null`.
 pub fn parse_json<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
-    let de = &mut serde_json::Deserializer::from_str(text);
+    let text = python_json_to_json(text);
+    let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let key = (key != ".").then_some(key);
@@ -60,5 +63,51 @@ impl<T: Clone> OneOrMany<T> {
                 format!("has {} entries, expected one per block ({n})", v.len()),
             )),
         }
+    }
+}
+
+/// Replaces the bare `NaN`, `Infinity` and `-Infinity` tokens that Python's `json` writes (e.g.
+/// DPM-Solver's `"lambda_min_clipped": -Infinity`) with `null`, outside strings.
+fn python_json_to_json(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_str, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else {
+            let token = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|t| rest.starts_with(t));
+            if let Some(t) = token {
+                out.push_str("null");
+                rest = &rest[t.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_non_finite_tokens_become_null_outside_strings() {
+        let t = r#"{"a": -Infinity, "b": [NaN, Infinity], "s": "NaN -Infinity \" Infinity"}"#;
+        let v: serde_json::Value = parse_json(t, Path::new("x.json")).unwrap();
+        assert!(v["a"].is_null() && v["b"][0].is_null() && v["b"][1].is_null());
+        assert_eq!(v["s"], "NaN -Infinity \" Infinity");
     }
 }

@@ -382,36 +382,3 @@ impl SchedulerConfigFile {
         })
     }
 }
-
-/// Replaces the bare `NaN`, `Infinity` and `-Infinity` tokens that Python's `json` writes (e.g.
-/// DPM-Solver's `"lambda_min_clipped": -Infinity`) with `null`, outside strings.
-pub(crate) fn python_json_to_json(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let (mut in_str, mut escaped) = (false, false);
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_str {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_str = false;
-            }
-        } else if c == '"' {
-            in_str = true;
-        } else {
-            let token = ["-Infinity", "Infinity", "NaN"]
-                .into_iter()
-                .find(|t| rest.starts_with(t));
-            if let Some(t) = token {
-                out.push_str("null");
-                rest = &rest[t.len()..];
-                continue;
-            }
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
-}

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use sd_core::{Error, Result};
 
-use crate::config::{python_json_to_json, SchedulerConfig, SchedulerConfigFile};
+use crate::config::{SchedulerConfig, SchedulerConfigFile};
 use crate::scheduler::Scheduler;
 use crate::{ddim, ddpm, dpm_solver, euler, euler_ancestral, heun, lms, pndm};
 
@@ -144,7 +144,7 @@ pub fn resolve_config_json(
     path: &Path,
     kind: Option<SchedulerKind>,
 ) -> Result<SchedulerConfig> {
-    let file: SchedulerConfigFile = sd_core::config::parse_json(&python_json_to_json(json), path)?;
+    let file: SchedulerConfigFile = sd_core::config::parse_json(json, path)?;
     let kind = match kind {
         Some(k) => k,
         None => {
