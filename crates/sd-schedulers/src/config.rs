@@ -59,6 +59,11 @@ pub struct SchedulerConfigFile {
     /// `-Infinity` in diffusers' files (read as `null`, i.e. no clipping).
     pub lambda_min_clipped: Option<f64>,
     pub use_dynamic_shifting: Option<bool>,
+    /// Only used with flow sigmas / dynamic shifting (refused), so accepted and ignored:
+    /// diffusers 0.3x+ writes `flow_shift: 1.0` into every DPM-Solver config.
+    pub flow_shift: Option<f64>,
+    /// As `flow_shift` (diffusers writes `"exponential"`).
+    pub time_shift_type: Option<String>,
     /// Keys this struct does not know (reported with `log::warn!`; `_`-prefixed ones ignored).
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
