@@ -28,7 +28,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  #
 
 from common import save_tensors  # noqa: E402  (tools/fixtures/common.py)
 from data import COLOURS, SHAPES, caption, held_out_prompts, render  # noqa: E402
-from score import accuracy, score_image  # noqa: E402
+from score import accuracy, largest_component, score_image  # noqa: E402
 
 MODEL = ROOT / "models" / "demo"
 # The `sd` CLI defaults for this model (see docs/demo-model.md).
@@ -101,7 +101,8 @@ def grid(imgs, jobs, path, seeds=(0, 1, 2), pad=2):
             y, x = pad + i * (SIZE + pad), pad + j * (SIZE + pad)
             canvas[y : y + SIZE, x : x + SIZE] = by[(p, s)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path, optimize=True)
+    # 256-colour palette PNG: a third of the size, no visible difference at this scale
+    Image.fromarray(canvas).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 @torch.no_grad()
@@ -125,7 +126,10 @@ def write_refs(pipe, path):
         assert torch.allclose(img, img2, atol=1e-6), (img - img2).abs().max()
         t[f"txt2img.{k}.initial_latents"] = init
         t[f"txt2img.{k}.prompt_embeds"] = pe
-        t[f"txt2img.{k}.negative_prompt_embeds"] = ne
+        if k == 0:
+            t["negative_prompt_embeds"] = ne  # the empty prompt's, shared by all cases
+        else:
+            assert torch.equal(ne, t["negative_prompt_embeds"])
         t[f"txt2img.{k}.final_latents"] = lat
         t[f"txt2img.{k}.image"] = img2
         r = score_image(to_u8(img2)[0])
@@ -135,35 +139,40 @@ def write_refs(pipe, path):
     i2i.set_progress_bar_config(disable=True)
     c, s, b, side, x0, y0 = IMG2IMG["init"]
     init_img = render(c, s, b, side, x0, y0)
-    init_t = torch.from_numpy(init_img).permute(2, 0, 1)[None].float() / 255
+    init_t = torch.from_numpy(np.array(init_img)).permute(2, 0, 1)[None].float() / 255
     g = torch.Generator("cpu").manual_seed(IMG2IMG["seed"])
     out = i2i(IMG2IMG["prompt"], image=init_t, strength=IMG2IMG["strength"], num_inference_steps=STEPS,
               guidance_scale=GUIDANCE, generator=g, output_type="pt").images
     t["img2img.init_image"] = init_t
     t["img2img.image"] = out
     r = score_image(to_u8(out)[0])
+    (cx0, cy0), (cx1, cy1) = centroid(init_img), centroid(to_u8(out)[0])
+    moved = float(np.hypot(cx1 - cx0, cy1 - cy0))
     meta = {
         "description": "demo model (models/demo) through diffusers' StableDiffusionPipeline at the sd CLI defaults: "
                        f"DPMSolverMultistepScheduler (DPM++ 2M, model's scheduler_config.json), {STEPS} steps, "
                        f"guidance {GUIDANCE}, {SIZE}x{SIZE}, empty negative prompt, batch 1, "
                        "generator=torch.Generator('cpu').manual_seed(seed). txt2img.K.*: initial_latents [1,4,16,16] "
-                       "(torch.randn from the seed), prompt/negative_prompt_embeds [1,77,64], final_latents (before "
+                       "(torch.randn from the seed), prompt_embeds [1,77,64] (negative_prompt_embeds: the empty prompt's, shared), final_latents (before "
                        "VAE decoding, unscaled = output_type='latent'), image [1,3,64,64] in [0,1] (output_type='pt'). "
                        "img2img: StableDiffusionImg2ImgPipeline on init_image [1,3,64,64] in [0,1] (a drawn red circle, "
                        f"side {side} at x={x0}, y={y0}), prompt {IMG2IMG['prompt']!r}, strength {IMG2IMG['strength']}, "
                        f"seed {IMG2IMG['seed']}, same steps and guidance.",
         "cases": json.dumps(cases),
-        "img2img": json.dumps(dict(IMG2IMG, scored_colour=r["colour"], scored_shape=r["shape"])),
+        "img2img": json.dumps(dict(IMG2IMG, scored_colour=r["colour"], scored_shape=r["shape"], centre_moved_px=moved)),
     }
     save_tensors(t, path, meta)
-    return cases, r
+    return cases, r, moved
 
 
 def centroid(img):
+    """Centre (x, y) of the scorer's object (its largest foreground component)."""
     a = np.asarray(img, np.float64)
-    bg = np.median(np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3)]), axis=0)
-    m = np.sqrt(((a - bg) ** 2).sum(-1)) > 60
-    ys, xs = np.nonzero(m)
+    h, w, _ = a.shape
+    frame = np.ones((h, w), bool)
+    frame[2 : h - 2, 2 : w - 2] = False
+    obj = largest_component(np.sqrt(((a - np.median(a[frame], axis=0)) ** 2).sum(-1)) > 60)
+    ys, xs = np.nonzero(obj)
     return (float(xs.mean()), float(ys.mean())) if len(xs) else (float("nan"),) * 2
 
 
@@ -171,12 +180,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=MODEL)
     ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--grid", type=Path, default=ROOT / "docs" / "img" / "demo-grid.png")
+    ap.add_argument("--refs", type=Path, default=ROOT / "tests" / "fixtures" / "refs" / "demo_pipeline.safetensors")
     args = ap.parse_args()
     torch.set_num_threads(2)
     pipe = load(args.model)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     acc, imgs, jobs = report(pipe, seeds, verbose=True)
     n = len(jobs)
     print(f"held-out: {len(held_out_prompts())} prompts x {len(seeds)} seeds = {n} images, DPM++ 2M {STEPS} steps, "
@@ -192,10 +204,10 @@ def main():
             print(f"sweep: steps {steps} guidance {g}: colour {a['colour']:.3f} shape {a['shape']:.3f}")
     if args.no_write:
         return
-    grid(imgs, jobs, ROOT / "docs" / "img" / "demo-grid.png")
-    cases, r = write_refs(pipe, ROOT / "tests" / "fixtures" / "refs" / "demo_pipeline.safetensors")
+    grid(imgs, jobs, args.grid, seeds=tuple(seeds[:3]))
+    cases, r, moved = write_refs(pipe, args.refs)
     print("refs:", cases)
-    print("img2img: scored", r["colour"], r["shape"])
+    print(f"img2img: scored colour {r['colour']} shape {r['shape']}; object centre moved by {moved:.1f} px")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Phases (a checkpoint in tools/demo-model/.work/ every few minutes; rerunning res
 3. UNet + text encoder, jointly, epsilon objective on SD 1.5's scaled_linear schedule, with
    offset noise, Min-SNR-5 loss weighting, 10% empty captions (classifier-free guidance),
    AdamW with warmup and cosine decay, EMA weights (what gets exported).
-4. Export: the EMA weights in float16, DPM++ 2M scheduler config, the real CLIP tokenizer.
+4. Export (export.py): the EMA weights in float16, DPM++ 2M scheduler config, the real CLIP
+   tokenizer; with the fine-tuned decoder of finetune_decoder.py when it exists (phase 3b).
 
 Each phase ends at its step count or at its time budget, whichever comes first; the learning
 rate follows progress = max(step / steps, elapsed / budget), so a run slowed down by other
@@ -19,7 +20,6 @@ the schedule depend on steps only (exactly reproducible).
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -42,7 +42,7 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from data import all_combinations, caption, held_out_prompts, make_dataset, random_sample  # noqa: E402
-from models import make_tokenizer, write_legacy_tokenizer  # noqa: E402  (tools/fixtures/models.py)
+from models import make_tokenizer  # noqa: E402  (tools/fixtures/models.py)
 from score import accuracy  # noqa: E402
 
 PAD = "<|endoftext|>"  # SD 1.x pads with the end-of-text token
@@ -180,7 +180,7 @@ def phase_vae(args, state, ckpt, fh):
         log(f"vae: {sum(p.numel() for p in vae.parameters())/1e6:.3f}M params", fh)
     vae.train()
     budget = args.vae_minutes * 60
-    t_last, t_ckpt, run = time.time(), time.time(), 0.0
+    t_last, t_ckpt, run = time.time(), time.time(), None
     while True:
         progress = max(step / args.vae_steps, elapsed / budget if budget else 0.0)
         if progress >= 1.0:
@@ -201,7 +201,7 @@ def phase_vae(args, state, ckpt, fh):
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        run = 0.98 * run + 0.02 * loss.item() if step > 1 else loss.item()
+        run = loss.item() if run is None else 0.98 * run + 0.02 * loss.item()
         if step % 50 == 0:
             log(f"vae step {step} loss {run:.5f} lr {lr:.2e} {elapsed/step:.3f} s/step, {elapsed/60:.1f} min", fh)
         if now - t_ckpt > args.ckpt_minutes * 60:
@@ -329,16 +329,6 @@ def phase_unet(args, vae, lat, state, ckpt, fh, info):
     return ema_te, ema_unet, tok
 
 
-def export(vae, te, unet, sf, out, info, fh):
-    vae.register_to_config(scaling_factor=sf)
-    pipe = make_pipe(vae, te, unet, make_tokenizer(PAD))
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    write_legacy_tokenizer(out / "tokenizer", PAD, keep_tokenizer_json=False)
-    (out / "training.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log(f"exported {out} ({size/1e6:.2f} MB)", fh)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "models" / "demo")
@@ -387,10 +377,12 @@ def main():
     info["scaling_factor"] = lat["scaling_factor"]
     vae.register_to_config(scaling_factor=lat["scaling_factor"])
     te, unet, _ = phase_unet(args, vae, lat, state, ckpt, fh, info)
+    info.update(torch=torch.__version__, args={k: str(v) for k, v in vars(args).items()})
     torch.save(dict(te=te.state_dict(), unet=unet.state_dict(), vae=vae.state_dict(), info=info),
                args.work / "final_f32.pt")
-    info.update(torch=torch.__version__, args={k: str(v) for k, v in vars(args).items()})
-    export(vae, te, unet, lat["scaling_factor"], args.out, info, fh)
+    from export import main as export_main  # phase 4 (also run alone after finetune_decoder.py)
+
+    export_main(args.work, args.out)
     log(f"total {(time.time()-t0)/60:.1f} min (this invocation)", fh)
 
 
