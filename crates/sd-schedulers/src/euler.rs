@@ -4,9 +4,9 @@ use candle_core::Tensor;
 use sd_core::{NoiseSource, Result};
 
 use crate::config::{FinalSigmas, SchedulerConfig};
-use crate::ops::{add_noise_sigma, check_index, div, f32, same_shape, scale, scale_input};
-use crate::parameterization::{x0_from_sigma, PredictionType};
-use crate::schedule::{discrete_sigma_steps, init_noise_sigma, sigma_of_alpha, SigmaSchedule};
+use crate::ops::{check_index, div, f32, same_shape, scale};
+use crate::parameterization::x0_from_sigma;
+use crate::schedule::{discrete_sigma_steps, sigma_of_alpha, SigmaSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// Mirrors diffusers'
@@ -29,6 +29,8 @@ impl Euler {
 }
 
 impl Scheduler for Euler {
+    sigma_scheduler_methods!();
+
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         crate::ops::check_positive_steps(n)?;
         let c = &self.config;
@@ -48,23 +50,6 @@ impl Scheduler for Euler {
         s.push(last);
         self.sched.set(timesteps, s);
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.sched.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sched.sigmas_f64)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        init_noise_sigma(&self.sched.sigmas, self.config.timestep_spacing)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(step_index, self.sched.timesteps.len())?;
-        scale_input(sample, self.sched.sigmas[step_index])
     }
 
     fn step(
@@ -87,18 +72,5 @@ impl Scheduler for Euler {
             prev_sample: prev.to_dtype(dtype)?,
             pred_original_sample: Some(x0.to_dtype(dtype)?),
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(step_index, self.sched.timesteps.len())?;
-        add_noise_sigma(original, noise, self.sched.sigmas[step_index])
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.sched.schedule.len()
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.config.prediction_type
     }
 }

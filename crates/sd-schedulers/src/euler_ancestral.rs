@@ -4,9 +4,9 @@ use candle_core::Tensor;
 use sd_core::{NoiseSource, Result};
 
 use crate::config::SchedulerConfig;
-use crate::ops::{add_noise_sigma, check_index, div, f32, same_shape, scale, scale_input};
+use crate::ops::{check_index, div, f32, same_shape, scale};
 use crate::parameterization::{unsupported_prediction, x0_from_sigma, PredictionType};
-use crate::schedule::{discrete_sigma_steps, init_noise_sigma, SigmaSchedule};
+use crate::schedule::{discrete_sigma_steps, SigmaSchedule};
 use crate::scheduler::{Scheduler, StepOutput};
 
 /// Mirrors diffusers'
@@ -35,6 +35,8 @@ impl EulerAncestral {
 }
 
 impl Scheduler for EulerAncestral {
+    sigma_scheduler_methods!();
+
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         crate::ops::check_positive_steps(n)?;
         let c = &self.config;
@@ -49,23 +51,6 @@ impl Scheduler for EulerAncestral {
         s.push(0.0);
         self.sched.set(timesteps, s);
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.sched.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sched.sigmas_f64)
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        init_noise_sigma(&self.sched.sigmas, self.config.timestep_spacing)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(step_index, self.sched.timesteps.len())?;
-        scale_input(sample, self.sched.sigmas[step_index])
     }
 
     fn step(
@@ -96,18 +81,5 @@ impl Scheduler for EulerAncestral {
             prev_sample: prev.to_dtype(dtype)?,
             pred_original_sample: Some(x0.to_dtype(dtype)?),
         })
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_index(step_index, self.sched.timesteps.len())?;
-        add_noise_sigma(original, noise, self.sched.sigmas[step_index])
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.sched.schedule.len()
-    }
-
-    fn prediction_type(&self) -> PredictionType {
-        self.config.prediction_type
     }
 }

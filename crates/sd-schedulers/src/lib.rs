@@ -10,6 +10,9 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+#[macro_use]
+mod macros;
+
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
