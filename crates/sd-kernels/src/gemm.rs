@@ -1,0 +1,522 @@
+//! The GEMM driver: `C[M, N] = epilogue(A[M, K] . B[K, N])` with B packed ([`PackedB`]).
+//!
+//! Blocking (BLIS-style, brgemm-like epilogue): for each block of `MC` rows, A is packed once
+//! into the kernel's format; for each block of `NC` packed columns, K is walked in `KC` steps,
+//! every `MR x NR` micro-tile accumulating in an f32 scratch block that stays in L2; after the
+//! last K step the epilogue turns the scratch rows into C. The threads split M (or, for short
+//! M, the columns) statically, one contiguous range each, with no per-tile scheduling.
+
+use std::ops::Range;
+
+use crate::epilogue::{apply_row, Activation, Element, Epilogue};
+use crate::isa::Isa;
+use crate::kernels::{AFormat, Micro, TileArgs};
+use crate::pack::{BData, PackedB};
+use crate::KernelError;
+
+/// Multiply-adds below which one thread does the whole product (a thread start costs about as
+/// much as 50 us of work).
+const MIN_PARALLEL_MACS: usize = 1 << 22;
+
+/// How to run a GEMM.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemmOptions {
+    /// Threads; `None` = [`default_threads`].
+    pub threads: Option<usize>,
+    /// Run the kernel of B's path on portable vector types / the AMX tile emulator (same
+    /// packing and addressing), for testing a path the host lacks. Slow.
+    pub emulate: bool,
+}
+
+/// The threads the kernels use by default: `SD_NUM_THREADS`, else the available cores.
+pub fn default_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var("SD_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
+}
+
+/// The left-hand matrix: `rows` rows of `k` elements, `stride` elements apart.
+#[derive(Debug, Clone, Copy)]
+pub struct AMatrix<'a, T> {
+    /// The elements.
+    pub data: &'a [T],
+    /// M.
+    pub rows: usize,
+    /// Elements between row starts (at least K).
+    pub stride: usize,
+}
+
+/// `C = epilogue(A . B)` with the default options. C has `rows` rows of
+/// [`PackedB::out_columns`] elements, `ldc` apart.
+pub fn gemm<T: Element>(
+    a: AMatrix<'_, T>,
+    b: &PackedB,
+    c: &mut [T],
+    ldc: usize,
+    epi: &Epilogue<'_, T>,
+) -> Result<(), KernelError> {
+    gemm_with(&GemmOptions::default(), a, b, c, ldc, epi)
+}
+
+fn need(
+    len: usize,
+    rows: usize,
+    stride: usize,
+    cols: usize,
+    what: &str,
+) -> Result<(), KernelError> {
+    if rows == 0 {
+        return Ok(());
+    }
+    if stride < cols {
+        return Err(KernelError::new(format!(
+            "{what}: row stride {stride} is below its {cols} columns"
+        )));
+    }
+    let needed = (rows - 1)
+        .checked_mul(stride)
+        .and_then(|x| x.checked_add(cols));
+    match needed {
+        Some(n) if n <= len => Ok(()),
+        _ => Err(KernelError::new(format!(
+            "{what}: {rows} rows of {cols} (stride {stride}) need more than the {len} elements given"
+        ))),
+    }
+}
+
+/// [`gemm`] with explicit options.
+pub fn gemm_with<T: Element>(
+    opts: &GemmOptions,
+    a: AMatrix<'_, T>,
+    b: &PackedB,
+    c: &mut [T],
+    ldc: usize,
+    epi: &Epilogue<'_, T>,
+) -> Result<(), KernelError> {
+    if T::DTYPE != b.dtype {
+        return Err(KernelError::new(format!(
+            "operands are {:?} but B was packed for {:?}",
+            T::DTYPE,
+            b.dtype
+        )));
+    }
+    let n_out = b.out_columns();
+    need(a.data.len(), a.rows, a.stride, b.k, "A")?;
+    need(c.len(), a.rows, ldc, n_out, "C")?;
+    if let Some((r, ldr)) = epi.residual {
+        need(r.len(), a.rows, ldr, n_out, "residual")?;
+    }
+    if let Some(bias) = epi.bias {
+        if bias.len() != b.n {
+            return Err(KernelError::new(format!(
+                "bias has {} values, expected {}",
+                bias.len(),
+                b.n
+            )));
+        }
+    }
+    if (epi.activation == Activation::Geglu) != b.geglu {
+        return Err(KernelError::new(
+            "the GEGLU activation needs B packed with geglu (and only then)",
+        ));
+    }
+    if !opts.emulate {
+        b.isa.supported().map_err(|why| {
+            KernelError::new(format!("B was packed for the {} path, but {why}", b.isa))
+        })?;
+    }
+    if a.rows == 0 {
+        return Ok(());
+    }
+    let micro = Micro::select(b.isa, b.dtype, opts.emulate);
+    let threads = opts.threads.unwrap_or_else(default_threads).max(1);
+    let macs = a.rows.saturating_mul(b.k).saturating_mul(b.n);
+    let threads = if macs < MIN_PARALLEL_MACS { 1 } else { threads };
+
+    let stored = b.stored_columns();
+    // Column ranges must keep micro-tiles and GEGLU value/gate pairs whole.
+    let col_unit = if b.geglu { 2 * b.nr } else { micro.nr }.max(micro.nr);
+    let parts = partition(a.rows, stored, threads, micro.mr, col_unit);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    let job = |rows: Range<usize>, cols: Range<usize>| {
+        // SAFETY: the parts are disjoint (rows x columns) and inside C (checked above), so no
+        // two workers write the same element.
+        unsafe { worker(&micro, a, b, c_ptr, ldc, epi, rows, cols) }
+    };
+    if parts.len() == 1 {
+        let (rows, cols) = parts[0].clone();
+        job(rows, cols);
+    } else {
+        std::thread::scope(|s| {
+            let mut it = parts.iter().cloned();
+            let first = it.next();
+            for (rows, cols) in it {
+                let job = &job;
+                s.spawn(move || job(rows, cols));
+            }
+            if let Some((rows, cols)) = first {
+                job(rows, cols);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Splits the work into at most `threads` (rows, stored columns) parts: by rows when there are
+/// enough (in multiples of `mr`), else by columns (in multiples of `col_unit`).
+fn partition(
+    m: usize,
+    cols: usize,
+    threads: usize,
+    mr: usize,
+    col_unit: usize,
+) -> Vec<(Range<usize>, Range<usize>)> {
+    if threads <= 1 {
+        return vec![(0..m, 0..cols)];
+    }
+    let row_tiles = m.div_ceil(mr);
+    if row_tiles >= threads * 4 || cols <= col_unit {
+        let per = row_tiles.div_ceil(threads);
+        (0..threads)
+            .map(|t| (t * per * mr).min(m)..((t + 1) * per * mr).min(m))
+            .filter(|r| !r.is_empty())
+            .map(|r| (r, 0..cols))
+            .collect()
+    } else {
+        let units = cols.div_ceil(col_unit);
+        let per = units.div_ceil(threads);
+        (0..threads)
+            .map(|t| (t * per * col_unit).min(cols)..((t + 1) * per * col_unit).min(cols))
+            .filter(|r| !r.is_empty())
+            .map(|r| (0..m, r))
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: workers write disjoint parts of C through it (see `gemm_with`).
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// Packed A of one row block: f32 panels or bf16 (pairs or rows).
+enum ABuf {
+    F32(Vec<f32>),
+    U16(Vec<u16>),
+}
+
+/// Packs rows `m0..m0+mc` of A for the kernel (rows up to a multiple of `mr` and K up to `kp`
+/// are zero).
+#[allow(clippy::too_many_arguments)]
+fn pack_a<T: Element>(
+    a: &AMatrix<'_, T>,
+    k: usize,
+    kp: usize,
+    m0: usize,
+    mc: usize,
+    micro: &Micro,
+    buf: &mut ABuf,
+    row_f32: &mut [f32],
+) {
+    let mr = micro.mr;
+    let tiles = mc.div_ceil(mr);
+    let len = tiles * mr * kp;
+    match (micro.a_format, buf) {
+        (AFormat::F32Panels, ABuf::F32(out)) => {
+            out.clear();
+            out.resize(len, 0.0);
+            for r in 0..mc {
+                let row = &a.data[(m0 + r) * a.stride..][..k];
+                T::to_f32_slice(row, &mut row_f32[..k]);
+                let (t, i) = (r / mr, r % mr);
+                let base = t * kp * mr + i;
+                for (kk, v) in row_f32[..k].iter().enumerate() {
+                    out[base + kk * mr] = *v;
+                }
+            }
+        }
+        (AFormat::Bf16PairPanels, ABuf::U16(out)) => {
+            out.clear();
+            out.resize(len, 0);
+            for r in 0..mc {
+                let row = &a.data[(m0 + r) * a.stride..][..k];
+                let (t, i) = (r / mr, r % mr);
+                let base = t * kp * mr + i * 2;
+                for (kk, v) in row.iter().enumerate() {
+                    out[base + (kk / 2) * mr * 2 + kk % 2] = bf16_bits(*v);
+                }
+            }
+        }
+        (AFormat::Bf16Rows, ABuf::U16(out)) => {
+            out.clear();
+            out.resize(len, 0);
+            for r in 0..mc {
+                let row = &a.data[(m0 + r) * a.stride..][..k];
+                for (o, v) in out[r * kp..][..k].iter_mut().zip(row) {
+                    *o = bf16_bits(*v);
+                }
+            }
+        }
+        (_, buf) => {
+            // The buffer kind follows the format (see `worker`); rebuild if it ever does not.
+            *buf = match micro.a_format {
+                AFormat::F32Panels => ABuf::F32(Vec::new()),
+                _ => ABuf::U16(Vec::new()),
+            };
+            pack_a(a, k, kp, m0, mc, micro, buf, row_f32)
+        }
+    }
+}
+
+/// The bf16 bits of an operand (only called for bf16 formats, where T is bf16).
+#[inline(always)]
+fn bf16_bits<T: Element>(v: T) -> u16 {
+    let mut f = [0f32; 1];
+    T::to_f32_slice(&[v], &mut f);
+    half::bf16::from_f32(f[0]).to_bits()
+}
+
+/// One thread's part: rows `rows` x stored columns `cols`.
+///
+/// # Safety
+/// No other thread writes C's elements of this part; C covers `a.rows` rows of the output
+/// columns with stride `ldc` (checked by `gemm_with`).
+#[allow(clippy::too_many_arguments)]
+unsafe fn worker<T: Element>(
+    micro: &Micro,
+    a: AMatrix<'_, T>,
+    b: &PackedB,
+    c: SendPtr<T>,
+    ldc: usize,
+    epi: &Epilogue<'_, T>,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) {
+    let (mr, nr) = (micro.mr, micro.nr);
+    let kp = b.kp;
+    let mut abuf = match micro.a_format {
+        AFormat::F32Panels => ABuf::F32(Vec::new()),
+        _ => ABuf::U16(Vec::new()),
+    };
+    let nc_max = micro.nc;
+    let mc_max = micro.mc;
+    let mut scratch = vec![0f32; mc_max.div_ceil(mr) * mr * nc_max];
+    let mut row_f32 = vec![0f32; b.k.max(nc_max)];
+    let mut tmp = vec![0f32; nc_max];
+    let (b_base, b_elem) = match &b.data {
+        BData::F32(v) => (v.as_ptr() as *const u8, 4),
+        BData::Bf16(v) => (v.as_ptr() as *const u8, 2),
+    };
+    if let Some(begin) = micro.begin {
+        // SAFETY: the kernel was selected natively, so its ISA is available.
+        unsafe { begin() };
+    }
+    let mut m0 = rows.start;
+    while m0 < rows.end {
+        let mc = mc_max.min(rows.end - m0);
+        let mc_pad = mc.div_ceil(mr) * mr;
+        pack_a(&a, b.k, kp, m0, mc, micro, &mut abuf, &mut row_f32);
+        let (a_base, a_elem) = match &abuf {
+            ABuf::F32(v) => (v.as_ptr() as *const u8, 4),
+            ABuf::U16(v) => (v.as_ptr() as *const u8, 2),
+        };
+        let mut c0 = cols.start;
+        while c0 < cols.end {
+            let nc = nc_max.min(cols.end - c0);
+            debug_assert!(nc.is_multiple_of(nr) && c0.is_multiple_of(b.nr));
+            let mut pc = 0;
+            while pc < kp {
+                let kc = micro.kc.min(kp - pc);
+                for jr in (0..nc).step_by(nr) {
+                    let panel = (c0 + jr) / b.nr;
+                    let b_off = (panel * kp + pc) * b.nr;
+                    debug_assert!(b_off + kc * b.nr <= b.panels * kp * b.nr);
+                    for ir in (0..mc_pad).step_by(mr) {
+                        let a_off = match micro.a_format {
+                            AFormat::Bf16Rows => ir * kp + pc,
+                            _ => ir * kp + pc * mr,
+                        };
+                        let args = TileArgs {
+                            kc,
+                            // SAFETY: offsets inside the packed buffers (sizes above).
+                            a: unsafe { a_base.add(a_off * a_elem) },
+                            a_stride: kp,
+                            // SAFETY: b_off is inside the packed B (debug-checked above).
+                            b: unsafe { b_base.add(b_off * b_elem) },
+                            b_panel_stride: kp * b.nr,
+                            // SAFETY: the tile lies inside the scratch block.
+                            c: unsafe { scratch.as_mut_ptr().add(ir * nc_max + jr) },
+                            ldc: nc_max,
+                            accumulate: pc > 0,
+                        };
+                        // SAFETY: the tile arguments satisfy the kernel's contract.
+                        unsafe { (micro.run)(&args) };
+                    }
+                }
+                pc += kc;
+            }
+            // SAFETY: forwarded: this part's rows and columns of C are ours alone.
+            unsafe {
+                epilogue_block(
+                    micro.epilogue_isa,
+                    &scratch,
+                    nc_max,
+                    mc,
+                    c0..c0 + nc,
+                    b,
+                    epi,
+                    c,
+                    ldc,
+                    m0,
+                    &mut tmp,
+                )
+            };
+            c0 += nc;
+        }
+        m0 += mc;
+    }
+    if let Some(end) = micro.end {
+        // SAFETY: paired with begin on this thread.
+        unsafe { end() };
+    }
+}
+
+/// The epilogue of a scratch block, compiled for the kernel's vector width.
+///
+/// # Safety
+/// As [`worker`]: C's rows `m0..m0+mc` at the output columns of `cols` belong to the caller.
+#[allow(clippy::too_many_arguments)]
+unsafe fn epilogue_block<T: Element>(
+    isa: Isa,
+    scratch: &[f32],
+    lds: usize,
+    mc: usize,
+    cols: Range<usize>,
+    b: &PackedB,
+    epi: &Epilogue<'_, T>,
+    c: SendPtr<T>,
+    ldc: usize,
+    m0: usize,
+    tmp: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx512<T: Element>(
+            s: &[f32],
+            lds: usize,
+            mc: usize,
+            cols: Range<usize>,
+            b: &PackedB,
+            epi: &Epilogue<'_, T>,
+            c: SendPtr<T>,
+            ldc: usize,
+            m0: usize,
+            tmp: &mut [f32],
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { epilogue_body(s, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2<T: Element>(
+            s: &[f32],
+            lds: usize,
+            mc: usize,
+            cols: Range<usize>,
+            b: &PackedB,
+            epi: &Epilogue<'_, T>,
+            c: SendPtr<T>,
+            ldc: usize,
+            m0: usize,
+            tmp: &mut [f32],
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { epilogue_body(s, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+        }
+        match isa {
+            // SAFETY: the kernel that produced the block ran natively on this ISA.
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
+                return unsafe { avx512(scratch, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+            }
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { avx2(scratch, lds, mc, cols, b, epi, c, ldc, m0, tmp) },
+            Isa::Generic => {}
+        }
+    }
+    let _ = isa;
+    // SAFETY: forwarded contract.
+    unsafe { epilogue_body(scratch, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn epilogue_body<T: Element>(
+    scratch: &[f32],
+    lds: usize,
+    mc: usize,
+    cols: Range<usize>,
+    b: &PackedB,
+    epi: &Epilogue<'_, T>,
+    c: SendPtr<T>,
+    ldc: usize,
+    m0: usize,
+    tmp: &mut [f32],
+) {
+    let n_out = b.out_columns();
+    for r in 0..mc {
+        let srow = &scratch[r * lds..][..cols.len()];
+        let out_row = m0 + r;
+        let residual_row = epi.residual.map(|(data, ldr)| &data[out_row * ldr..]);
+        if b.geglu {
+            // Stored columns come as (value panel, gate panel) pairs.
+            let pair = 2 * b.nr;
+            let mut s = cols.start;
+            while s < cols.end {
+                if let Some(col0) = b.output_column(s) {
+                    let w = b.nr.min(n_out - col0);
+                    let off = s - cols.start;
+                    // SAFETY: row `out_row`, columns col0..col0+w belong to this part.
+                    let out =
+                        unsafe { std::slice::from_raw_parts_mut(c.0.add(out_row * ldc + col0), w) };
+                    apply_row(
+                        &srow[off..off + w],
+                        Some(&srow[off + b.nr..off + b.nr + w]),
+                        col0,
+                        n_out + col0,
+                        epi,
+                        residual_row.map(|rr| &rr[col0..col0 + w]),
+                        tmp,
+                        out,
+                    );
+                }
+                s += pair;
+            }
+        } else {
+            let col0 = cols.start;
+            if col0 >= n_out {
+                continue;
+            }
+            let w = cols.len().min(n_out - col0);
+            // SAFETY: row `out_row`, columns col0..col0+w belong to this part.
+            let out = unsafe { std::slice::from_raw_parts_mut(c.0.add(out_row * ldc + col0), w) };
+            apply_row(
+                &srow[..w],
+                None,
+                col0,
+                0,
+                epi,
+                residual_row.map(|rr| &rr[col0..col0 + w]),
+                tmp,
+                out,
+            );
+        }
+    }
+}

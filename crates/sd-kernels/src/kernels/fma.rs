@@ -1,0 +1,180 @@
+//! The FMA micro-kernel: `MR` rows x `NV` vectors of accumulators, one broadcast of A and `NV`
+//! loads of B per K step. f32 B panels are loaded as they are; bf16 panels are widened in
+//! registers (a shift), so bf16 weights stay bf16 in memory. Instances: portable (4 x 16),
+//! AVX2 (6 x 16), AVX-512 (12 x 32, also emulated with 16-lane arrays).
+
+use super::{AFormat, Micro, TileArgs};
+use crate::isa::Isa;
+use crate::pack::DType;
+use crate::simd::{Emu, F32Vec};
+
+/// An element of a packed B panel.
+pub(crate) trait BElem {
+    /// # Safety
+    /// `p` is valid for `V::LANES` elements; the vector ISA is available.
+    unsafe fn load<V: F32Vec>(p: *const Self) -> V;
+}
+
+impl BElem for f32 {
+    #[inline(always)]
+    unsafe fn load<V: F32Vec>(p: *const f32) -> V {
+        // SAFETY: forwarded caller contract.
+        unsafe { V::load(p) }
+    }
+}
+
+impl BElem for u16 {
+    #[inline(always)]
+    unsafe fn load<V: F32Vec>(p: *const u16) -> V {
+        // SAFETY: forwarded caller contract.
+        unsafe { V::load_bf16(p) }
+    }
+}
+
+/// The kernel body, instantiated per vector type inside `#[target_feature]` wrappers.
+///
+/// # Safety
+/// `t.a` holds `kc * MR` f32, `t.b` `kc * NV * LANES` elements `B`, `t.c` an `MR x NV*LANES`
+/// tile with row stride `t.ldc`; the vector ISA is available.
+#[inline(always)]
+unsafe fn tile<V: F32Vec, B: BElem, const MR: usize, const NV: usize>(t: &TileArgs) {
+    let nr = NV * V::LANES;
+    let a = t.a as *const f32;
+    let b = t.b as *const B;
+    // SAFETY: every pointer offset below stays inside the ranges of the function contract:
+    // rows < MR, vectors < NV, k < kc.
+    unsafe {
+        let mut acc = [[V::zero(); NV]; MR];
+        if t.accumulate {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = V::load(t.c.add(i * t.ldc + v * V::LANES));
+                }
+            }
+        }
+        for k in 0..t.kc {
+            let bk = b.add(k * nr);
+            let mut bv = [V::zero(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = B::load::<V>(bk.add(v * V::LANES));
+            }
+            let ak = a.add(k * MR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = V::splat(*ak.add(i));
+                for (x, bx) in row.iter_mut().zip(bv.iter()) {
+                    *x = V::fmadd(av, *bx, *x);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                x.store(t.c.add(i * t.ldc + v * V::LANES));
+            }
+        }
+    }
+}
+
+fn micro(mr: usize, nr: usize, run: unsafe fn(&TileArgs), isa: Isa) -> Micro {
+    Micro {
+        mr,
+        nr,
+        mc: mr * (96 / mr).max(1),
+        nc: 256,
+        kc: 256,
+        a_format: AFormat::F32Panels,
+        run,
+        begin: None,
+        end: None,
+        epilogue_isa: isa,
+    }
+}
+
+/// The portable kernel: 4 rows x 16 columns of 8-lane arrays.
+pub(crate) fn generic(dtype: DType) -> Micro {
+    unsafe fn f32_tile(t: &TileArgs) {
+        // SAFETY: forwarded contract; Emu needs no ISA.
+        unsafe { tile::<Emu<8>, f32, 4, 2>(t) }
+    }
+    unsafe fn bf16_tile(t: &TileArgs) {
+        // SAFETY: forwarded contract; Emu needs no ISA.
+        unsafe { tile::<Emu<8>, u16, 4, 2>(t) }
+    }
+    let run = match dtype {
+        DType::F32 => f32_tile as unsafe fn(&TileArgs),
+        DType::Bf16 => bf16_tile,
+    };
+    micro(4, 16, run, Isa::Generic)
+}
+
+/// AVX-512's blocking (12 x 32) with 16-lane arrays: runs the AVX-512 kernel's packing and
+/// addressing on any host.
+pub(crate) fn avx512_emulated(dtype: DType) -> Micro {
+    unsafe fn f32_tile(t: &TileArgs) {
+        // SAFETY: forwarded contract; Emu needs no ISA.
+        unsafe { tile::<Emu<16>, f32, 12, 2>(t) }
+    }
+    unsafe fn bf16_tile(t: &TileArgs) {
+        // SAFETY: forwarded contract; Emu needs no ISA.
+        unsafe { tile::<Emu<16>, u16, 12, 2>(t) }
+    }
+    let run = match dtype {
+        DType::F32 => f32_tile as unsafe fn(&TileArgs),
+        DType::Bf16 => bf16_tile,
+    };
+    micro(12, 32, run, Isa::Generic)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use crate::simd::{Avx2Vec, Avx512Vec};
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_f32(t: &TileArgs) {
+        // SAFETY: forwarded contract; AVX2+FMA enabled on this function.
+        unsafe { tile::<Avx2Vec, f32, 6, 2>(t) }
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_bf16(t: &TileArgs) {
+        // SAFETY: forwarded contract; AVX2+FMA enabled on this function.
+        unsafe { tile::<Avx2Vec, u16, 6, 2>(t) }
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn avx512_f32(t: &TileArgs) {
+        // SAFETY: forwarded contract; AVX-512F enabled on this function.
+        unsafe { tile::<Avx512Vec, f32, 12, 2>(t) }
+    }
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn avx512_bf16(t: &TileArgs) {
+        // SAFETY: forwarded contract; AVX-512F enabled on this function.
+        unsafe { tile::<Avx512Vec, u16, 12, 2>(t) }
+    }
+}
+
+/// The AVX2 + FMA kernel, 6 x 16 (12 ymm accumulators).
+pub(crate) fn avx2(dtype: DType) -> Micro {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let run = match dtype {
+            DType::F32 => x86::avx2_f32 as unsafe fn(&TileArgs),
+            DType::Bf16 => x86::avx2_bf16,
+        };
+        micro(6, 16, run, Isa::Avx2)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    generic(dtype)
+}
+
+/// The AVX-512F kernel, 12 x 32 (24 zmm accumulators).
+pub(crate) fn avx512(dtype: DType) -> Micro {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let run = match dtype {
+            DType::F32 => x86::avx512_f32 as unsafe fn(&TileArgs),
+            DType::Bf16 => x86::avx512_bf16,
+        };
+        micro(12, 32, run, Isa::Avx512)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    avx512_emulated(dtype)
+}
