@@ -107,6 +107,7 @@ fn randn(g: &mut TorchGenerator, shape: &[usize], dtype: DType) -> Result<Tensor
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    println!("{}", sd_rs::kernels::isa::describe());
     let dev = Device::Cpu;
     let t0 = Instant::now();
     let unet = match &args.model {

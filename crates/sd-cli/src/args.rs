@@ -20,6 +20,8 @@ pub enum Command {
     Txt2img(Common),
     /// Generate images from an input image and a prompt.
     Img2img(Img2Img),
+    /// Print the version, the CPU and the kernel path in use (`SD_CPU_ISA` caps it).
+    Info,
 }
 
 /// img2img's own options.

@@ -65,6 +65,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Txt2img(c) => generate(&c, None),
         Command::Img2img(i) => generate(&i.common, Some((&i.image, i.strength))),
+        Command::Info => {
+            println!("sd {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", sd_kernels::isa::describe());
+            Ok(())
+        }
     }
 }
 

@@ -307,3 +307,20 @@ fn refiner_ensemble_and_img2img_match_diffusers() {
     let (_, _, _, text) = read_png(&i2i);
     assert!(text.contains("Denoising strength: 0.3"), "{text}");
 }
+
+/// `sd info` names the CPU and the kernel path, and `SD_CPU_ISA` caps the path.
+#[test]
+fn info_prints_the_kernel_path_and_honours_the_cap() {
+    let out = sd(&["info"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kernel path: "), "{text}");
+    assert!(text.contains("generic: yes"), "{text}");
+    let capped = Command::new(env!("CARGO_BIN_EXE_sd"))
+        .arg("info")
+        .env("SD_CPU_ISA", "generic")
+        .output()
+        .expect("sd runs");
+    let text = String::from_utf8_lossy(&capped.stdout);
+    assert!(text.contains("kernel path: generic "), "{text}");
+}

@@ -9,7 +9,6 @@
 
 pub mod config;
 pub mod model;
-pub mod ops;
 pub mod prompt;
 pub mod tokenizer;
 

@@ -7,51 +7,22 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use sd_core::{component_var_builder, Error, LoadOptions, Result, VarBuilder};
 
-use crate::config::{ClipTextConfig, EosPooling};
-use crate::ops::{activation, causal_mask, layer_norm, linear, scaled_dot_product_attention};
+use sd_nn::{causal_attention, Activation, LayerNorm, Linear};
 
-/// Weight and bias of a `torch.nn.Linear` or `torch.nn.LayerNorm`.
-#[derive(Debug, Clone)]
-struct Affine {
-    weight: Tensor,
-    bias: Tensor,
-}
+use crate::config::{self, ClipTextConfig, EosPooling};
 
-impl Affine {
-    fn linear(vb: &VarBuilder, out_dim: usize, in_dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: vb.get(out_dim, "bias")?,
-        })
-    }
-
-    fn norm(vb: &VarBuilder, dim: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-        })
-    }
-
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.weight, Some(&self.bias))
-    }
-
-    fn normalize(&self, x: &Tensor, eps: f64) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, eps)
-    }
-}
-
-/// One pre-norm encoder layer (`CLIPEncoderLayer`): causal self-attention, then the MLP.
+/// One pre-norm encoder layer (`CLIPEncoderLayer`): causal self-attention, then the MLP, on
+/// sd-nn's layers (the activation and both residual adds fused into the products).
 #[derive(Debug, Clone)]
 struct EncoderLayer {
-    q_proj: Affine,
-    k_proj: Affine,
-    v_proj: Affine,
-    out_proj: Affine,
-    layer_norm1: Affine,
-    layer_norm2: Affine,
-    fc1: Affine,
-    fc2: Affine,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm1: LayerNorm,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
 }
 
 impl EncoderLayer {
@@ -59,26 +30,32 @@ impl EncoderLayer {
         let d = c.hidden_size;
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
+        let act = match c.activation {
+            config::Activation::QuickGelu => Activation::QuickGelu,
+            config::Activation::Gelu => Activation::Gelu,
+            config::Activation::GeluTanh => Activation::GeluTanh,
+        };
         Ok(Self {
-            q_proj: Affine::linear(&attn.pp("q_proj"), d, d)?,
-            k_proj: Affine::linear(&attn.pp("k_proj"), d, d)?,
-            v_proj: Affine::linear(&attn.pp("v_proj"), d, d)?,
-            out_proj: Affine::linear(&attn.pp("out_proj"), d, d)?,
-            layer_norm1: Affine::norm(&vb.pp("layer_norm1"), d)?,
-            layer_norm2: Affine::norm(&vb.pp("layer_norm2"), d)?,
-            fc1: Affine::linear(&mlp.pp("fc1"), c.intermediate_size, d)?,
-            fc2: Affine::linear(&mlp.pp("fc2"), d, c.intermediate_size)?,
+            q_proj: Linear::load(&attn.pp("q_proj"), d, d, true)?,
+            k_proj: Linear::load(&attn.pp("k_proj"), d, d, true)?,
+            v_proj: Linear::load(&attn.pp("v_proj"), d, d, true)?,
+            out_proj: Linear::load(&attn.pp("out_proj"), d, d, true)?,
+            layer_norm1: LayerNorm::load(&vb.pp("layer_norm1"), d, c.layer_norm_eps)?,
+            layer_norm2: LayerNorm::load(&vb.pp("layer_norm2"), d, c.layer_norm_eps)?,
+            fc1: Linear::load(&mlp.pp("fc1"), d, c.intermediate_size, true)?
+                .with_activation(act)?,
+            fc2: Linear::load(&mlp.pp("fc2"), c.intermediate_size, d, true)?,
         })
     }
 
-    /// # Shapes: x [B, T, D], mask [T, T] -> [B, T, D].
-    fn forward(&self, x: &Tensor, mask: &Tensor, c: &ClipTextConfig) -> Result<Tensor> {
+    /// # Shapes: x [B, T, D] -> [B, T, D].
+    fn forward(&self, x: &Tensor, c: &ClipTextConfig) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let heads = c.num_heads;
         let head_dim = d / heads;
-        let h = self.layer_norm1.normalize(x, c.layer_norm_eps)?;
-        let split = |p: &Affine| -> Result<Tensor> {
-            Ok(p.apply(&h)?
+        let h = self.layer_norm1.forward(x)?;
+        let split = |p: &Linear| -> Result<Tensor> {
+            Ok(p.forward(&h)?
                 .reshape((b, t, heads, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()?)
@@ -89,15 +66,12 @@ impl EncoderLayer {
             split(&self.v_proj)?,
         );
         let scale = (head_dim as f64).powf(-0.5);
-        let attn = scaled_dot_product_attention(&q, &k, &v, scale, Some(mask))?
+        let attn = causal_attention(&q, &k, &v, scale)?
             .transpose(1, 2)?
             .reshape((b, t, d))?;
-        let x = (x + self.out_proj.apply(&attn)?)?;
-        let h = self.layer_norm2.normalize(&x, c.layer_norm_eps)?;
-        let h = self
-            .fc2
-            .apply(&activation(&self.fc1.apply(&h)?, c.activation)?)?;
-        Ok((x + h)?)
+        let x = self.out_proj.forward_add(&attn, x)?;
+        let h = self.layer_norm2.forward(&x)?;
+        self.fc2.forward_add(&self.fc1.forward(&h)?, &x)
     }
 }
 
@@ -127,8 +101,8 @@ pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
-    final_layer_norm: Affine,
-    text_projection: Option<Tensor>,
+    final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
     dtype: DType,
     device: Device,
 }
@@ -167,11 +141,12 @@ impl ClipTextModel {
         let layers = (0..config.num_layers)
             .map(|i| EncoderLayer::load(&root.pp("encoder.layers").pp(i), &config))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = Affine::norm(&root.pp("final_layer_norm"), d)?;
+        let final_layer_norm =
+            LayerNorm::load(&root.pp("final_layer_norm"), d, config.layer_norm_eps)?;
         let text_projection = if with_projection {
             let p = config.projection_dim.unwrap_or(d);
             config.projection_dim = Some(p);
-            Some(vb.pp("text_projection").get((p, d), "weight")?)
+            Some(Linear::load(&vb.pp("text_projection"), d, p, false)?)
         } else {
             config.projection_dim = None;
             None
@@ -207,8 +182,7 @@ impl ClipTextModel {
     /// `final_layer_norm`, as diffusers applies it to an earlier hidden state for `clip_skip`.
     /// # Shapes: [B, T, D] -> [B, T, D].
     pub fn final_layer_norm(&self, x: &Tensor) -> Result<Tensor> {
-        self.final_layer_norm
-            .normalize(x, self.config.layer_norm_eps)
+        self.final_layer_norm.forward(x)
     }
 
     /// Runs the encoder with the causal mask and no padding mask (as the SD pipelines call it).
@@ -250,11 +224,10 @@ impl ClipTextModel {
             .reshape((b, t, d))?;
         let positions = self.position_embedding.narrow(0, 0, t)?;
         let mut x = tokens.broadcast_add(&positions)?;
-        let mask = causal_mask(t, &self.device)?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());
         for layer in &self.layers {
-            x = layer.forward(&x, &mask, &self.config)?;
+            x = layer.forward(&x, &self.config)?;
             hidden_states.push(x.clone());
         }
         let last_hidden_state = self.final_layer_norm(&x)?;
@@ -268,7 +241,7 @@ impl ClipTextModel {
             .reshape((b * t, d))?
             .index_select(&rows, 0)?;
         let text_embeds = match &self.text_projection {
-            Some(w) => Some(linear(&pooled_output, w, None)?),
+            Some(proj) => Some(proj.forward(&pooled_output)?),
             None => None,
         };
         Ok(ClipTextOutput {

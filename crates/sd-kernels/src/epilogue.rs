@@ -17,6 +17,8 @@ pub enum Activation {
     Gelu,
     /// CLIP's `x sigmoid(1.702 x)`.
     QuickGelu,
+    /// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
     /// diffusers' GEGLU: `value * gelu(gate)` over the two halves of the projection; needs B
     /// packed with `geglu = true`.
     Geglu,
@@ -84,6 +86,7 @@ fn activate(v: &mut [f32], act: Activation) {
         Activation::Silu => v.iter_mut().for_each(|x| *x = math::silu(*x)),
         Activation::Gelu => v.iter_mut().for_each(|x| *x = math::gelu(*x)),
         Activation::QuickGelu => v.iter_mut().for_each(|x| *x = math::quick_gelu(*x)),
+        Activation::GeluTanh => v.iter_mut().for_each(|x| *x = math::gelu_tanh(*x)),
     }
 }
 

@@ -47,6 +47,15 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// The tanh approximation of GELU: `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with
+/// `tanh(y) = 1 - 2 / (e^(2y) + 1)`.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * y) + 1.0);
+    0.5 * x * (1.0 + tanh)
+}
+
 /// SiLU: `x sigmoid(x)`.
 #[inline(always)]
 pub fn silu(x: f32) -> f32 {

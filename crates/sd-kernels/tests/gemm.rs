@@ -57,6 +57,10 @@ fn act64(x: f64, act: Activation) -> f64 {
         Activation::Silu => x / (1.0 + (-x).exp()),
         Activation::Gelu => 0.5 * x * (1.0 + erf64(x / 2f64.sqrt())),
         Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+        Activation::GeluTanh => {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        }
     }
 }
 

@@ -29,7 +29,29 @@ pub fn scaled_dot_product_attention(
     scale: f64,
     upcast: bool,
 ) -> Result<Tensor> {
-    sdpa_chunked(q, k, v, scale, upcast, SCORE_CHUNK_BYTES)
+    sdpa_chunked(q, k, v, scale, upcast, false, SCORE_CHUNK_BYTES)
+}
+
+/// [`scaled_dot_product_attention`] with a causal mask (query `i` sees keys `0..=i`), as
+/// CLIP's text encoder uses it. Query and key lengths must be equal.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if q.dim(2)? != k.dim(2)? {
+        return Err(sd_core::Error::invalid_argument(
+            "causal attention",
+            format!("{} queries and {} keys", q.dim(2)?, k.dim(2)?),
+            "as many queries as keys",
+        ));
+    }
+    sdpa_chunked(q, k, v, scale, false, true, SCORE_CHUNK_BYTES)
+}
+
+/// The additive causal mask of query rows `r0..r0+rows` over `lk` keys: 0 where key <= query,
+/// -inf above. # Shapes: [rows, lk] (f32).
+fn causal_mask(r0: usize, rows: usize, lk: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let values: Vec<f32> = (r0..r0 + rows)
+        .flat_map(|i| (0..lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(values, (rows, lk), device)?)
 }
 
 fn sdpa_chunked(
@@ -38,6 +60,7 @@ fn sdpa_chunked(
     v: &Tensor,
     scale: f64,
     upcast: bool,
+    causal: bool,
     budget: usize,
 ) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
@@ -74,7 +97,11 @@ fn sdpa_chunked(
             } else {
                 qn.narrow(1, r0, nr)?.contiguous()?.to_dtype(compute)?
             };
-            let scores = (qs.matmul(&ks.t()?)? * scale)?;
+            let mut scores = (qs.matmul(&ks.t()?)? * scale)?;
+            if causal {
+                let mask = causal_mask(r0, nr, lk, scores.device())?.to_dtype(compute)?;
+                scores = scores.broadcast_add(&mask)?;
+            }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             blocks.push(probs.matmul(&vs)?.to_dtype(dtype)?);
             r0 += nr;
@@ -162,6 +189,26 @@ impl Attention {
     /// # Shapes: x [B, L, C] or [B, C, H, W] (then flattened to L = H·W and restored);
     /// context [B, Lk, Ccontext].
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.run(x, context, None)
+    }
+
+    /// `forward(x, context) + residual` for token inputs, the add fused into `to_out` (the
+    /// transformer blocks' `x = attn(norm(x)) + x`). # Shapes: x, residual [B, L, C].
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        if x.dims().len() != 3 {
+            return Err(sd_core::Error::unsupported(
+                "Attention::forward_add on a spatial [B, C, H, W] input",
+            ));
+        }
+        self.run(x, context, Some(residual))
+    }
+
+    fn run(&self, x: &Tensor, context: Option<&Tensor>, add: Option<&Tensor>) -> Result<Tensor> {
         let residual = x;
         let spatial = x.dims().len() == 4;
         let (b, c, hgt, wid) = if spatial { x.dims4()? } else { (0, 0, 0, 0) };
@@ -189,12 +236,21 @@ impl Attention {
         )?;
         let (bb, heads, l, d) = out.dims4()?;
         let out = out.transpose(1, 2)?.reshape((bb, l, heads * d))?;
-        let mut out = self.to_out.forward(&out)?;
+        // Token inputs with a residual connection: the add goes into to_out's epilogue.
+        let token_residual = match add {
+            Some(r) => Some(r),
+            None if self.residual && !spatial => Some(residual),
+            None => None,
+        };
+        let mut out = match token_residual {
+            Some(r) => self.to_out.forward_add(&out, r)?,
+            None => self.to_out.forward(&out)?,
+        };
         if spatial {
             out = out.transpose(1, 2)?.reshape((b, c, hgt, wid))?;
-        }
-        if self.residual {
-            out = (out + residual)?;
+            if self.residual {
+                out = (out + residual)?;
+            }
         }
         Ok(out)
     }
@@ -220,11 +276,36 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
-        let full = sdpa_chunked(&q, &k, &v, 0.3, false, usize::MAX)?;
+        let full = sdpa_chunked(&q, &k, &v, 0.3, false, false, usize::MAX)?;
         for budget in [37 * 29 * 4 * 2, 37 * 29 * 4, 29 * 4 * 5, 1] {
-            let c = sdpa_chunked(&q, &k, &v, 0.3, false, budget)?;
+            let c = sdpa_chunked(&q, &k, &v, 0.3, false, false, budget)?;
             let diff = (&c - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "budget {budget}: max abs diff {diff}");
+        }
+        Ok(())
+    }
+
+    /// The causal mask follows the query rows through row chunking, and row i of the result
+    /// equals attention over keys 0..=i alone.
+    #[test]
+    fn causal_attention_sees_only_earlier_keys() -> anyhow::Result<()> {
+        use candle_core::IndexOp;
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 9, 4), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (1, 2, 9, 4), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 9, 4), &dev)?;
+        let full = sdpa_chunked(&q, &k, &v, 0.5, false, true, usize::MAX)?;
+        let chunked = sdpa_chunked(&q, &k, &v, 0.5, false, true, 9 * 4 * 2)?;
+        let diff = (&chunked - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "chunked causal diff {diff}");
+        for i in [0usize, 4, 8] {
+            let qi = q.i((.., .., i..i + 1, ..))?.contiguous()?;
+            let ki = k.i((.., .., ..=i, ..))?.contiguous()?;
+            let vi = v.i((.., .., ..=i, ..))?.contiguous()?;
+            let want = sdpa_chunked(&qi, &ki, &vi, 0.5, false, false, usize::MAX)?;
+            let got = full.i((.., .., i..i + 1, ..))?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "row {i}: {diff}");
         }
         Ok(())
     }

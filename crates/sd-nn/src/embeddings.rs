@@ -5,7 +5,7 @@
 use candle_core::{DType, Tensor};
 use sd_core::{Result, VarBuilder};
 
-use crate::ops::{silu, Linear};
+use crate::linear::{Activation, Linear};
 
 /// Sinusoidal embedding of `timesteps` (any float values), computed in f32.
 ///
@@ -55,13 +55,14 @@ impl TimestepEmbedding {
     /// Loads the two layers under `vb`.
     pub fn load(vb: &VarBuilder, in_channels: usize, time_embed_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: Linear::load(&vb.pp("linear_1"), in_channels, time_embed_dim, true)?,
+            linear_1: Linear::load(&vb.pp("linear_1"), in_channels, time_embed_dim, true)?
+                .with_activation(Activation::Silu)?,
             linear_2: Linear::load(&vb.pp("linear_2"), time_embed_dim, time_embed_dim, true)?,
         })
     }
 
     /// # Shapes: x [B, in] -> [B, time_embed_dim].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&silu(&self.linear_1.forward(x)?)?)
+        self.linear_2.forward(&self.linear_1.forward(x)?)
     }
 }

@@ -7,6 +7,8 @@
 use candle_core::{DType, Module, Tensor, D};
 use sd_core::{Result, VarBuilder};
 
+pub use crate::linear::{Activation, Linear};
+
 /// candle 0.11's CPU backend has no bf16 matmul (and so no bf16 conv2d): bf16 operands are
 /// computed in f32 and the result rounded to bf16 once, which is also what torch's bf16 CPU
 /// kernels do (f32 accumulation, bias added before rounding). The weights stay bf16 in memory.
@@ -80,7 +82,9 @@ pub fn group_norm(
     Ok(candle_nn::GroupNorm::new(weight.clone(), bias.clone(), c, num_groups, eps)?.forward(x)?)
 }
 
-/// Layer normalisation over the last dimension, as torch.nn.LayerNorm (f32 statistics).
+/// Layer normalisation over the last dimension, as torch.nn.LayerNorm: two-pass statistics
+/// and the affine transform in f32 (as torch's CPU kernel), the result rounded once to the
+/// input dtype. # Shapes: x `[..., D]`, weight and bias `[D]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
@@ -88,10 +92,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let centered = x32.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(normed
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)?)
+    let y = normed
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    Ok(y.to_dtype(dtype)?)
 }
 
 /// SiLU (x * sigmoid(x)).
@@ -104,13 +108,22 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
-/// A 2-D convolution layer (torch.nn.Conv2d) with square kernel.
+/// A 2-D convolution layer (torch.nn.Conv2d) with square kernel. 1x1 convolutions run as the
+/// [`Linear`] layer over channels they are (sd-kernels' packed GEMM on the CPU).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
+    kind: ConvKind,
+}
+
+#[derive(Debug, Clone)]
+enum ConvKind {
+    General {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    },
+    Pointwise(Linear),
 }
 
 impl Conv2d {
@@ -123,49 +136,35 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
+        if kernel == 1 && stride == 1 && padding == 0 {
+            return Ok(Self {
+                kind: ConvKind::Pointwise(Linear::load_conv1x1(vb, in_channels, out_channels)?),
+            });
+        }
         Ok(Self {
-            weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
-            bias: Some(vb.get(out_channels, "bias")?),
-            stride,
-            padding,
+            kind: ConvKind::General {
+                weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
+                bias: Some(vb.get(out_channels, "bias")?),
+                stride,
+                padding,
+            },
         })
     }
 
     /// # Shapes: x [B, in, H, W] -> [B, out, H', W'].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            self.stride,
-            self.padding,
-        )
-    }
-}
-
-/// A linear layer (torch.nn.Linear).
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// Loads `weight` `[out, in]` and, if `bias`, `bias` `[out]` under `vb`.
-    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: if bias {
-                Some(vb.get(out_dim, "bias")?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// # Shapes: x [..., in] -> [..., out].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.weight, self.bias.as_ref())
+        match &self.kind {
+            ConvKind::General {
+                weight,
+                bias,
+                stride,
+                padding,
+            } => conv2d(x, weight, bias.as_ref(), *stride, *padding),
+            ConvKind::Pointwise(linear) => {
+                let y = linear.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
+                Ok(y.permute((0, 3, 1, 2))?)
+            }
+        }
     }
 }
 
@@ -181,7 +180,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` `[channels]` under `vb`; `channels` must divide into `num_groups`.
     pub fn load(vb: &VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || channels % num_groups != 0 {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(sd_core::Error::invalid_argument(
                 format!("{} (norm_num_groups)", vb.path("")),
                 num_groups,

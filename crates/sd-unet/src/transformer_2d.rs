@@ -6,7 +6,7 @@
 
 use candle_core::Tensor;
 use sd_core::{Result, VarBuilder};
-use sd_nn::ops::{gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+use sd_nn::ops::{GroupNorm, LayerNorm, Linear};
 use sd_nn::{Attention, AttentionConfig};
 
 use crate::config::TransformerConfig;
@@ -18,26 +18,11 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 /// Hidden width of the feed-forward, as a multiple of the model width.
 const FF_MULT: usize = 4;
 
-/// diffusers' `GEGLU`: `proj` to twice the hidden width, then `hidden * gelu(gate)` (exact gelu).
-#[derive(Debug, Clone)]
-struct GeGlu {
-    proj: Linear,
-}
-
-impl GeGlu {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let hidden = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        Ok((hidden * gelu(&gate)?)?)
-    }
-}
-
-/// diffusers' `FeedForward` with `activation_fn="geglu"`: weights `net.0.proj`, `net.2`.
+/// diffusers' `FeedForward` with `activation_fn="geglu"`: weights `net.0.proj` (the GEGLU
+/// projection: `hidden * gelu(gate)` of its two halves, fused into the product) and `net.2`.
 #[derive(Debug, Clone)]
 struct FeedForward {
-    geglu: GeGlu,
+    geglu: Linear,
     out: Linear,
 }
 
@@ -45,15 +30,14 @@ impl FeedForward {
     fn load(vb: &VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * FF_MULT;
         Ok(Self {
-            geglu: GeGlu {
-                proj: Linear::load(&vb.pp("net.0.proj"), dim, 2 * inner, true)?,
-            },
+            geglu: Linear::load_geglu(&vb.pp("net.0.proj"), dim, 2 * inner)?,
             out: Linear::load(&vb.pp("net.2"), inner, dim, true)?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out.forward(&self.geglu.forward(x)?)
+    /// `ff(x) + residual`, the add fused into `net.2`.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_add(&self.geglu.forward(x)?, residual)
     }
 }
 
@@ -94,29 +78,21 @@ impl BasicTransformerBlock {
 
     /// # Shapes: x [B, L, dim], context [B, Lk, cross_attention_dim] -> [B, L, dim].
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        let x = self.attn1.forward_add(&self.norm1.forward(x)?, None, x)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+            .forward_add(&self.norm2.forward(&x)?, Some(context), &x)?;
+        self.ff.forward_add(&self.norm3.forward(&x)?, &x)
     }
 }
 
-/// `proj_in` / `proj_out`: 1x1 convolutions (SD 1.x) or linear layers (SD 2.x, SDXL).
-#[derive(Debug, Clone)]
-enum Projection {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
-impl Projection {
-    fn load(vb: &VarBuilder, cin: usize, cout: usize, linear: bool) -> Result<Self> {
-        Ok(if linear {
-            Projection::Linear(Linear::load(vb, cin, cout, true)?)
-        } else {
-            Projection::Conv(Conv2d::load(vb, cin, cout, 1, 1, 0)?)
-        })
+/// `proj_in` / `proj_out`: 1x1 convolutions (SD 1.x) or linear layers (SD 2.x, SDXL); both
+/// are the same linear map over channels, applied here to the tokens.
+fn load_projection(vb: &VarBuilder, cin: usize, cout: usize, linear: bool) -> Result<Linear> {
+    if linear {
+        Linear::load(vb, cin, cout, true)
+    } else {
+        Linear::load_conv1x1(vb, cin, cout)
     }
 }
 
@@ -126,9 +102,9 @@ impl Projection {
 #[derive(Debug, Clone)]
 pub struct Transformer2DModel {
     norm: GroupNorm,
-    proj_in: Projection,
+    proj_in: Linear,
     transformer_blocks: Vec<BasicTransformerBlock>,
-    proj_out: Projection,
+    proj_out: Linear,
 }
 
 impl Transformer2DModel {
@@ -146,9 +122,9 @@ impl Transformer2DModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: GroupNorm::load(&vb.pp("norm"), groups, channels, GROUP_NORM_EPS)?,
-            proj_in: Projection::load(&vb.pp("proj_in"), channels, inner, linear)?,
+            proj_in: load_projection(&vb.pp("proj_in"), channels, inner, linear)?,
             transformer_blocks,
-            proj_out: Projection::load(&vb.pp("proj_out"), inner, channels, linear)?,
+            proj_out: load_projection(&vb.pp("proj_out"), inner, channels, linear)?,
         })
     }
 
@@ -156,26 +132,20 @@ impl Transformer2DModel {
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;
-        // [B, C, H, W] -> [B, H·W, C] tokens (projection before or after, as diffusers orders it).
-        let to_tokens = |t: &Tensor| -> Result<Tensor> {
-            let c = t.dim(1)?;
-            Ok(t.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?)
-        };
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
-        };
+        // [B, C, H, W] -> [B, H·W, C] tokens; a 1x1 convolution before the permutation (SD 1.x)
+        // equals the linear map after it.
+        let c = normed.dim(1)?;
+        let tokens = normed
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let mut tokens = self.proj_in.forward(&tokens)?;
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let from_tokens = |t: &Tensor| -> Result<Tensor> {
-            let c = t.dim(2)?;
-            Ok(t.transpose(1, 2)?.reshape((b, c, h, w))?)
-        };
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&from_tokens(&tokens)?)?,
-            Projection::Linear(lin) => from_tokens(&lin.forward(&tokens)?)?,
-        };
+        let tokens = self.proj_out.forward(&tokens)?;
+        let c = tokens.dim(2)?;
+        let out = tokens.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
     }
 }
