@@ -167,8 +167,10 @@ pub fn gemm_with<T: Element>(
     Ok(())
 }
 
-/// Splits the work into at most `threads` (rows, stored columns) parts: by rows when there are
-/// enough (in multiples of `mr`), else by columns (in multiples of `col_unit`).
+/// Splits the work into at most `threads` (rows, stored columns) parts. Each thread reads the
+/// whole of the operand that is not split, so the split goes along the larger one: rows (in
+/// multiples of `mr`) when M >= N, columns (in multiples of `col_unit`) otherwise, or when
+/// there are too few column units to share.
 fn partition(
     m: usize,
     cols: usize,
@@ -180,7 +182,15 @@ fn partition(
         return vec![(0..m, 0..cols)];
     }
     let row_tiles = m.div_ceil(mr);
-    if row_tiles >= threads * 4 || cols <= col_unit {
+    let col_units = cols.div_ceil(col_unit);
+    let by_rows = if col_units < threads * 2 {
+        true
+    } else if row_tiles < threads * 2 {
+        false
+    } else {
+        m >= cols
+    };
+    if by_rows {
         let per = row_tiles.div_ceil(threads);
         (0..threads)
             .map(|t| (t * per * mr).min(m)..((t + 1) * per * mr).min(m))
