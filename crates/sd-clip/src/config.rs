@@ -319,7 +319,7 @@ impl ClipTextConfig {
                 format!("is {}, expected at most {MAX_LAYERS}", self.num_layers),
             ));
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Some((
                 "num_attention_heads",
                 format!(

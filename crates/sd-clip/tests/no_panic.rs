@@ -17,6 +17,9 @@ fn with_max_length(value: &str) -> tempfile::TempDir {
 
 /// `model_max_length` 2 left no room for content: the chunk length was 0 and
 /// `encode_chunked` panicked in `chunks(0)`. It is refused when the folder is read.
+/// A field name and how to break it.
+type Edit = (&'static str, fn(&mut sd_clip::ClipTextConfig));
+
 #[test]
 fn model_max_length_below_three_is_refused() {
     for bad in ["2", "0", "-5", "2.5", "1e300"] {
@@ -57,7 +60,7 @@ fn hand_built_text_config_is_validated() {
         .expect("fixture config");
     base.validate().expect("the fixture is valid");
     let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
-    let cases: [(&str, fn(&mut ClipTextConfig)); 4] = [
+    let cases: [Edit; 4] = [
         ("ClipTextConfig.num_attention_heads", |c| c.num_heads = 0),
         ("ClipTextConfig.hidden_size", |c| c.hidden_size = 0),
         ("ClipTextConfig.vocab_size", |c| c.vocab_size = usize::MAX),

@@ -168,7 +168,7 @@ fn build(specs: &[Spec], damage: &Damage, seed: u8) -> (Vec<u8>, Vec<(String, Ve
         _ => {}
     }
     let mut h = serde_json::Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();

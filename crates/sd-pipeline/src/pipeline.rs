@@ -368,7 +368,7 @@ impl StableDiffusion {
             ),
         };
         for (name, v) in [("height", h), ("width", w)] {
-            if v == 0 || v % f != 0 {
+            if v == 0 || !v.is_multiple_of(f) {
                 return Err(Error::invalid_argument(
                     name,
                     v,
@@ -765,7 +765,7 @@ fn expand_batch(name: &str, t: &Tensor, batch: usize) -> Result<Tensor> {
     let b = t.dim(0)?;
     if b == batch {
         Ok(t.clone())
-    } else if b > 0 && batch % b == 0 {
+    } else if b > 0 && batch.is_multiple_of(b) {
         Ok(Tensor::cat(&vec![t.clone(); batch / b], 0)?)
     } else {
         Err(Error::invalid_argument(

@@ -243,7 +243,11 @@ impl UNetConfigFile {
                 ))
             }
         };
-        if let Some(c) = self.block_out_channels.iter().find(|c| **c % groups != 0) {
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|c| !c.is_multiple_of(groups))
+        {
             return Err(err(
                 "norm_num_groups",
                 format!("{groups} does not divide block_out_channels entry {c}"),
@@ -253,7 +257,7 @@ impl UNetConfigFile {
             ("conv_in_kernel", self.conv_in_kernel),
             ("conv_out_kernel", self.conv_out_kernel),
         ] {
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 return Err(err(key, format!("is {k}, expected an odd kernel size")));
             }
         }
@@ -304,7 +308,7 @@ impl UNetConfigFile {
         let upcast = self.upcast_attention.unwrap_or(false);
         let transformer = |i: usize, channels: usize| -> Result<TransformerConfig> {
             let h = heads[i];
-            if h == 0 || channels % h != 0 {
+            if h == 0 || !channels.is_multiple_of(h) {
                 return Err(err(
                     "attention_head_dim",
                     format!(

@@ -245,7 +245,7 @@ impl UNet2DConditionModel {
         // Up path. When a side is not a multiple of 2^levels, each upsampler resizes to the
         // size of the skip connection it will meet instead of doubling.
         let factor = cfg.upsampling_factor();
-        let forward_size = h % factor != 0 || w % factor != 0;
+        let forward_size = !h.is_multiple_of(factor) || !w.is_multiple_of(factor);
         let n_up = self.up_blocks.len();
         for (i, block) in self.up_blocks.iter().enumerate() {
             let size = if forward_size && i + 1 < n_up {

@@ -356,7 +356,7 @@ impl AutoencoderKL {
         let f = self.scale_factor();
         let c = self.config.in_channels;
         match *image.dims() {
-            [_, ch, h, w] if ch == c && h % f == 0 && w % f == 0 && h > 0 && w > 0 => Ok((h, w)),
+            [_, ch, h, w] if ch == c && h.is_multiple_of(f) && w.is_multiple_of(f) && h > 0 && w > 0 => Ok((h, w)),
             [_, ch, h, w] if ch == c => Err(Error::invalid_argument(
                 "image",
                 format!("{h}x{w} pixels (shape {:?})", image.dims()),

@@ -231,7 +231,7 @@ impl VaeConfig {
         if let Some(c) = self
             .block_out_channels
             .iter()
-            .find(|&&c| groups == 0 || c % groups != 0)
+            .find(|&&c| groups == 0 || !c.is_multiple_of(groups))
         {
             return Err(bad(
                 "norm_num_groups",

@@ -7,6 +7,9 @@ use candle_core::{DType, Device};
 use sd_core::{Error, VarBuilder};
 use sd_vae::{AutoencoderKL, VaeConfig};
 
+/// A field name and how to break it.
+type Edit = (&'static str, fn(&mut VaeConfig));
+
 fn sd1() -> VaeConfig {
     VaeConfig::from_file(&common::vae_dir("sd1").join("config.json")).expect("fixture config")
 }
@@ -37,7 +40,7 @@ fn empty_block_list_is_an_error() {
 
 #[test]
 fn zero_and_huge_sizes_are_errors() {
-    let cases: [(&str, fn(&mut VaeConfig)); 7] = [
+    let cases: [Edit; 7] = [
         ("norm_num_groups", |c| c.norm_num_groups = 0),
         ("latent_channels", |c| c.latent_channels = 0),
         ("layers_per_block", |c| c.layers_per_block = usize::MAX),

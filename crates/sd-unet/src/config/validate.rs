@@ -123,7 +123,7 @@ impl UNetConfig {
             ("conv_in_kernel", self.conv_in_kernel),
             ("conv_out_kernel", self.conv_out_kernel),
         ] {
-            if k % 2 == 0 || k > MAX_KERNEL {
+            if k.is_multiple_of(2) || k > MAX_KERNEL {
                 return Err(problem(
                     key,
                     k,
