@@ -37,12 +37,12 @@ impl MyEuler {
 
 impl Scheduler for MyEuler {
     fn set_timesteps(&mut self, n: usize) -> sd_rs::core::Result<()> {
-        self.timesteps = spaced_timesteps(TimestepSpacing::Trailing, 1000, n, 0, true);
+        self.timesteps = spaced_timesteps(TimestepSpacing::Trailing, 1000, n, 0, true)?;
         self.sigmas = self
             .timesteps
             .iter()
             .map(|&t| interp(t, &self.train_sigmas))
-            .collect();
+            .collect::<sd_rs::core::Result<_>>()?;
         self.sigmas.push(0.0);
         Ok(())
     }

@@ -116,8 +116,12 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         .as_deref()
         .map(SchedulerKind::parse)
         .transpose()?;
-    if c.num_images == 0 {
-        bail!("--num-images must be at least 1");
+    if c.num_images == 0 || c.num_images > sd_pipeline::MAX_BATCH {
+        bail!(
+            "--num-images {}: expected 1 to {}",
+            c.num_images,
+            sd_pipeline::MAX_BATCH
+        );
     }
     // Refuse to overwrite before spending minutes on generation.
     let outputs = output::paths(&c.output, c.num_images);
@@ -212,14 +216,15 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     bar.finish_and_clear();
 
     if let Some(p) = &c.save_latents {
-        output::save_latents(p, &out.latents)?;
+        output::save_latents(p, &out.latents, c.overwrite)?;
     }
     let images = out
         .images
         .as_ref()
         .context("the pipeline returned no images")?;
     let images = sd_pipeline::image::to_rgb8(images)?;
-    let (h, w) = (images[0].height(), images[0].width());
+    let first = images.first().context("the pipeline returned no images")?;
+    let (h, w) = (first.height(), first.width());
     let mut params = format!(
         "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
         c.prompt,
@@ -235,7 +240,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         params.push_str(&format!(", {n}"));
     }
     for (img, path) in images.iter().zip(&outputs) {
-        output::write_png(path, img, &params)?;
+        output::write_png(path, img, &params, c.overwrite)?;
         println!("{}", path.display());
     }
     Ok(())
@@ -263,12 +268,17 @@ fn random_seed() -> u64 {
     (t as u64 ^ (std::process::id() as u64).rotate_left(32)) % (1 << 32)
 }
 
+/// The `latents` tensor of a safetensors file, read through sd-core's checked loader (offsets
+/// and sizes are checked against the file before anything is allocated).
 fn read_latents(path: &Path, device: &Device) -> Result<Tensor> {
-    let mut map = sd_pipeline::core::candle_core::safetensors::load(path, device)
+    let files = sd_pipeline::core::weights::WeightFiles::open(&[path.to_path_buf()])
         .with_context(|| format!("reading --init-latents {}", path.display()))?;
-    let t = map
-        .remove("latents")
-        .with_context(|| format!("{}: no tensor named `latents`", path.display()))?;
+    if files.shape("latents").is_none() {
+        bail!("{}: no tensor named `latents`", path.display());
+    }
+    let t = files
+        .load("latents", DType::F32, device)
+        .with_context(|| format!("reading --init-latents {}", path.display()))?;
     if t.rank() != 4 {
         bail!(
             "{}: `latents` has shape {:?}, expected [N, C, H/8, W/8]",

@@ -50,25 +50,58 @@ pub fn check_writable(paths: &[PathBuf], overwrite: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes to a temporary file beside `path`, then renames it into place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.partial",
-        path.file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+/// Writes `path` atomically: `fill` writes a temporary file in the same folder (so the rename
+/// cannot cross file systems), which is flushed to disk and then renamed into place. A crash or
+/// Ctrl-C leaves either the old file or the complete new one, never a truncated file (at worst
+/// a hidden `.NAME.*.partial` beside it); an error removes the temporary file. Without
+/// `overwrite`, an existing file is never replaced, even one created while sd was running.
+fn write_atomic(
+    path: &Path,
+    overwrite: bool,
+    fill: impl FnOnce(&Path, &mut std::fs::File) -> Result<()>,
+) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let tmp_path = tmp.path().to_path_buf();
+    fill(&tmp_path, tmp.as_file_mut())
+        .with_context(|| format!("writing {}", tmp_path.display()))?;
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("flushing {}", tmp_path.display()))?;
+    let persisted = if overwrite {
+        tmp.persist(path)
+    } else {
+        tmp.persist_noclobber(path)
+    };
+    persisted.map_err(|e| {
+        anyhow::anyhow!(
+            "moving {} to {}: {}{}",
+            tmp_path.display(),
+            path.display(),
+            e.error,
+            if overwrite {
+                ""
+            } else {
+                " (pass --overwrite to replace an existing file)"
+            }
+        )
+    })?;
+    Ok(())
 }
 
 /// A PNG with a `parameters` text chunk (tEXt when Latin-1, iTXt otherwise), as AUTOMATIC1111.
-pub fn write_png(path: &Path, img: &RgbImage, parameters: &str) -> Result<()> {
+pub fn write_png(path: &Path, img: &RgbImage, parameters: &str, overwrite: bool) -> Result<()> {
     let mut buf = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
@@ -82,14 +115,73 @@ pub fn write_png(path: &Path, img: &RgbImage, parameters: &str) -> Result<()> {
         let mut w = enc.write_header()?;
         w.write_image_data(img.as_raw())?;
     }
-    write_atomic(path, &buf)
+    write_atomic(path, overwrite, |_, f| Ok(f.write_all(&buf)?))
 }
 
 /// Saves `latents` as a safetensors file holding one tensor named `latents`.
-pub fn save_latents(path: &Path, latents: &Tensor) -> Result<()> {
-    let tmp = std::env::temp_dir().join(format!("sd-latents-{}.safetensors", std::process::id()));
-    latents.save_safetensors("latents", &tmp)?;
-    let bytes = std::fs::read(&tmp)?;
-    let _ = std::fs::remove_file(&tmp);
-    write_atomic(path, &bytes)
+pub fn save_latents(path: &Path, latents: &Tensor, overwrite: bool) -> Result<()> {
+    write_atomic(path, overwrite, |tmp, _| {
+        Ok(latents.save_safetensors("latents", tmp)?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn atomic_write_leaves_only_the_complete_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.png");
+        write_atomic(&p, false, |_, f| Ok(f.write_all(b"first")?)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"first");
+        assert_eq!(names(dir.path()), ["out.png"]);
+
+        // Without overwrite an existing file is kept, and the temporary file removed.
+        let e = write_atomic(&p, false, |_, f| Ok(f.write_all(b"second")?)).unwrap_err();
+        assert!(format!("{e:#}").contains("--overwrite"), "{e:#}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"first");
+        assert_eq!(names(dir.path()), ["out.png"]);
+
+        write_atomic(&p, true, |_, f| Ok(f.write_all(b"second")?)).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+
+        // A failure half-way leaves the old file and no temporary file.
+        let e = write_atomic(&p, true, |_, f| {
+            f.write_all(b"half")?;
+            anyhow::bail!("encoder failed")
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("encoder failed"));
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        assert_eq!(names(dir.path()), ["out.png"]);
+    }
+
+    #[test]
+    fn latents_are_written_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.safetensors");
+        let t = Tensor::arange(0f32, 8., &sd_pipeline::core::candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 2, 2))
+            .unwrap();
+        save_latents(&p, &t, false).unwrap();
+        assert_eq!(names(dir.path()), ["l.safetensors"]);
+        let back = sd_pipeline::core::candle_core::safetensors::load(
+            &p,
+            &sd_pipeline::core::candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let v: Vec<f32> = back["latents"].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, (0..8).map(|i| i as f32).collect::<Vec<_>>());
+    }
 }

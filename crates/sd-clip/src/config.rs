@@ -141,6 +141,14 @@ fn d_eos() -> Option<TokenIds> {
     Some(TokenIds::One(49407))
 }
 
+/// Largest hidden, MLP, head and projection size of a text encoder sd-rs builds (OpenCLIP
+/// bigG: 1280 hidden, 5120 MLP).
+pub const MAX_SIZE: usize = 1 << 16;
+/// Largest vocabulary and position count (CLIP: 49408 and 77).
+pub const MAX_VOCAB: usize = 1 << 20;
+/// Most encoder layers (OpenCLIP bigG: 32).
+pub const MAX_LAYERS: usize = 1024;
+
 /// The MLP activation (transformers' `ACT2FN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -219,26 +227,6 @@ impl ClipTextConfig {
                 ))
             }
         };
-        for (key, v) in [
-            ("hidden_size", json.hidden_size),
-            ("intermediate_size", json.intermediate_size),
-            ("num_attention_heads", json.num_attention_heads),
-            ("max_position_embeddings", json.max_position_embeddings),
-            ("vocab_size", json.vocab_size),
-        ] {
-            if v == 0 {
-                return Err(err(key, "is 0, expected a positive number".to_owned()));
-            }
-        }
-        if !json.hidden_size.is_multiple_of(json.num_attention_heads) {
-            return Err(err(
-                "num_attention_heads",
-                format!(
-                    "{} does not divide hidden_size {}",
-                    json.num_attention_heads, json.hidden_size
-                ),
-            ));
-        }
         let pooling = match &json.eos_token_id {
             Some(TokenIds::One(2)) => EosPooling::ArgmaxId,
             Some(TokenIds::One(id)) => match u32::try_from(*id) {
@@ -272,7 +260,7 @@ impl ClipTextConfig {
             }
             (_, p) => p,
         };
-        Ok(Self {
+        let config = Self {
             vocab_size: json.vocab_size,
             hidden_size: json.hidden_size,
             intermediate_size: json.intermediate_size,
@@ -284,7 +272,69 @@ impl ClipTextConfig {
             pooling,
             projection_dim,
             with_projection,
-        })
+        };
+        config
+            .problem()
+            .map_or(Ok(config), |(key, reason)| Err(err(key, reason)))
+    }
+
+    /// Checks that a model can be built from this config and run without a division by zero or
+    /// an allocation out of proportion (the fields are public, so a config can be built by
+    /// hand): positive sizes up to [`MAX_SIZE`] (vocabulary and positions up to
+    /// [`MAX_VOCAB`]), at most [`MAX_LAYERS`] layers, heads dividing `hidden_size`, a finite
+    /// epsilon. `ClipTextModel::new` calls it.
+    pub fn validate(&self) -> Result<()> {
+        match self.problem() {
+            None => Ok(()),
+            Some((key, reason)) => Err(Error::invalid_argument(
+                format!("ClipTextConfig.{key}"),
+                reason,
+                "a config a CLIP text model can be built from",
+            )),
+        }
+    }
+
+    /// The first field that [`ClipTextConfig::validate`] refuses, with what it holds and what
+    /// was expected.
+    fn problem(&self) -> Option<(&'static str, String)> {
+        for (key, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_SIZE),
+            ("intermediate_size", self.intermediate_size, MAX_SIZE),
+            ("num_attention_heads", self.num_heads, MAX_SIZE),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_VOCAB,
+            ),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("projection_dim", self.projection_dim.unwrap_or(1), MAX_SIZE),
+        ] {
+            if v == 0 || v > max {
+                return Some((key, format!("is {v}, expected 1 to {max}")));
+            }
+        }
+        if self.num_layers > MAX_LAYERS {
+            return Some((
+                "num_hidden_layers",
+                format!("is {}, expected at most {MAX_LAYERS}", self.num_layers),
+            ));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return Some((
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_heads, self.hidden_size
+                ),
+            ));
+        }
+        if !self.layer_norm_eps.is_finite() {
+            return Some((
+                "layer_norm_eps",
+                format!("{} is not a finite number", self.layer_norm_eps),
+            ));
+        }
+        None
     }
 
     /// Reads and validates `config.json`.

@@ -121,6 +121,7 @@ impl ClipTextModel {
     /// Builds the model from `vb` (rooted where transformers' state dict is); the caller calls
     /// [`VarBuilder::finish`].
     pub fn new(mut config: ClipTextConfig, vb: &VarBuilder) -> Result<Self> {
+        config.validate()?;
         let with_projection = config
             .with_projection
             .unwrap_or_else(|| vb.contains("text_projection.weight"));

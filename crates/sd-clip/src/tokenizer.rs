@@ -223,12 +223,16 @@ impl ClipTokenizer {
                 );
                 77
             }
-            Some(n) if n.fract() == 0.0 && (2.0..=1e6).contains(&n) => n as usize,
+            // bos + at least one content token + eos: with 2, chunks would hold no token
+            Some(n) if n.fract() == 0.0 && (3.0..=1e6).contains(&n) => n as usize,
             Some(n) => {
                 return Err(config_err(
                     &config_path,
                     "model_max_length",
-                    format!("is {n}, expected a whole number of tokens >= 2 (CLIP uses 77)"),
+                    format!(
+                        "is {n}, expected a whole number of tokens from 3 (bos, one content \
+                         token, eos) to 1000000 (CLIP uses 77)"
+                    ),
                 ))
             }
         };

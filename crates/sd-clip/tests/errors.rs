@@ -174,7 +174,7 @@ fn random_prompts(n: usize) -> Vec<String> {
     ];
     (0..n)
         .map(|i| {
-            let len = (next() % if i % 10 == 0 { 3000 } else { 60 }) as usize;
+            let len = (next() % if i.is_multiple_of(10) { 3000 } else { 60 }) as usize;
             (0..len)
                 .filter_map(|_| {
                     let (lo, hi) = ranges[(next() % ranges.len() as u64) as usize];

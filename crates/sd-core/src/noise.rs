@@ -153,9 +153,23 @@ fn box_muller_16(d: &mut [f32]) {
     }
 }
 
+/// The element count of `shape`, or an error when it overflows `usize`.
+fn element_count(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            Error::invalid_argument(
+                "noise shape",
+                format!("{shape:?}"),
+                "a shape whose element count fits in memory",
+            )
+        })
+}
+
 impl NoiseSource for TorchGenerator {
     fn randn(&mut self, shape: &[usize]) -> Result<Vec<f32>> {
-        Ok(TorchGenerator::randn(self, shape.iter().product()))
+        Ok(TorchGenerator::randn(self, element_count(shape)?))
     }
 }
 
@@ -177,7 +191,7 @@ impl RecordedNoise {
 
 impl NoiseSource for RecordedNoise {
     fn randn(&mut self, shape: &[usize]) -> Result<Vec<f32>> {
-        let n: usize = shape.iter().product();
+        let n = element_count(shape)?;
         match self.queue.pop_front() {
             Some(v) if v.len() == n => Ok(v),
             Some(v) => Err(Error::invalid_argument(

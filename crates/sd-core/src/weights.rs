@@ -99,7 +99,18 @@ fn find_files(dir: &Path, stem: &str, variant: Option<&str>) -> Result<Option<Ve
         }
         let idx: Index = crate::config::read_json(&index)?;
         let mut files: Vec<PathBuf> = Vec::new();
-        for f in idx.weight_map.values() {
+        for (name, f) in &idx.weight_map {
+            // Shards live beside the index: a path that leaves the folder is refused.
+            let plain = Path::new(f)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if f.is_empty() || !plain {
+                return Err(Error::config(
+                    &index,
+                    Some(&format!("weight_map.{name}")),
+                    format!("`{f}` is not a file name in the component folder"),
+                ));
+            }
             let p = dir.join(f);
             if !files.contains(&p) {
                 files.push(p);
@@ -148,6 +159,16 @@ impl WeightFiles {
             // file not being truncated while the model loads.
             let map = unsafe { memmap2::MmapOptions::new().map(&file) }
                 .map_err(|e| Error::io(path, e))?;
+            let invalid = |why: String| {
+                Error::io(
+                    path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("not a valid safetensors file: {why}"),
+                    ),
+                )
+            };
+            check_offsets(&map).map_err(invalid)?;
             let (header_len, meta) =
                 safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
                     Error::io(
@@ -160,17 +181,34 @@ impl WeightFiles {
                 })?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
+                // A zero-sized tensor passes the crate's size check whatever its other dims,
+                // but their product (the strides) must still fit in memory arithmetic.
+                let fits = info
+                    .shape
+                    .iter()
+                    .filter(|&&d| d != 0)
+                    .try_fold(8usize, |n, &d| n.checked_mul(d))
+                    .is_some();
+                if !fits {
+                    return Err(invalid(format!(
+                        "tensor `{name}` has shape {:?}, whose dimensions overflow",
+                        info.shape
+                    )));
+                }
                 let (s, e) = info.data_offsets;
-                entries.insert(
-                    name.clone(),
-                    Entry {
-                        file: i,
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        start: base + s,
-                        end: base + e,
-                    },
-                );
+                let entry = Entry {
+                    file: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: base + s,
+                    end: base + e,
+                };
+                if let Some(other) = entries.insert(name.clone(), entry) {
+                    return Err(invalid(format!(
+                        "tensor `{name}` is also in {}; a tensor must be in one file only",
+                        paths[other.file].display()
+                    )));
+                }
             }
             maps.push(map);
         }
@@ -236,6 +274,44 @@ impl WeightFiles {
             Ok(t.to_dtype(dtype)?)
         }
     }
+}
+
+/// Checks, before the safetensors crate reads the header, that the header length and every
+/// tensor's `data_offsets` lie within the file (with checked arithmetic): offsets near
+/// `u64::MAX` overflow the crate's own size check. Malformed JSON is left to the crate's
+/// parser, which reports it.
+fn check_offsets(buf: &[u8]) -> std::result::Result<(), String> {
+    let len_bytes: [u8; 8] = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("{} bytes, shorter than the 8-byte header size", buf.len()))?;
+    let n = u64::from_le_bytes(len_bytes);
+    let body = (buf.len() as u64 - 8).checked_sub(n).ok_or_else(|| {
+        format!(
+            "the header claims {n} bytes but the file has {} after the size field (truncated?)",
+            buf.len() - 8
+        )
+    })?;
+    // n <= buf.len() - 8 here, so the range is in bounds.
+    let header = &buf[8..8 + n as usize];
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(header)
+    else {
+        return Ok(());
+    };
+    for (name, info) in &map {
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array());
+        if let Some([start, end]) = offsets.map(Vec::as_slice) {
+            if let (Some(start), Some(end)) = (start.as_u64(), end.as_u64()) {
+                if start > end || end > body {
+                    return Err(format!(
+                        "tensor `{name}` spans bytes {start}..{end} of a {body}-byte data section \
+                         (truncated or corrupt file)"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where a [`VarBuilder`] takes its tensors from.

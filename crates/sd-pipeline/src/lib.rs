@@ -31,7 +31,7 @@ pub use model_index::{ModelFamily, ModelIndex};
 pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
 pub use request::{
     Flow, GenerateRequest, Init, MicroConditioning, OutputType, PromptEmbeds, SchedulerKind,
-    StepInfo,
+    StepInfo, MAX_BATCH,
 };
 
 pub use sd_clip as clip;

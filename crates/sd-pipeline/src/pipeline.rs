@@ -13,7 +13,7 @@ use sd_unet::{AddedCond, UNet2DConditionModel};
 use sd_vae::AutoencoderKL;
 
 use crate::model_index::{ModelFamily, ModelIndex};
-use crate::request::{Flow, GenerateRequest, Init, OutputType, StepInfo};
+use crate::request::{Flow, GenerateRequest, Init, OutputType, StepInfo, MAX_BATCH};
 
 /// A loaded diffusers model folder: text conditioning, UNet, VAE and scheduler config.
 /// Components are held in `Arc`s so pipelines can share them (the SDXL refiner shares the
@@ -206,6 +206,25 @@ impl StableDiffusion {
         let cfg = req.guidance_scale > 1.0;
         let sdxl = self.family != ModelFamily::Sd;
         let n = req.num_images_per_prompt;
+        let prompts = match &req.prompt_embeds {
+            Some(e) => e.prompt_embeds.dim(0)?,
+            None => req.prompts.len(),
+        };
+        if n == 0 || prompts.saturating_mul(n) > MAX_BATCH {
+            return Err(Error::invalid_argument(
+                "num_images_per_prompt",
+                n,
+                format!("1 or more, with at most {MAX_BATCH} images in all ({prompts} prompts)"),
+            ));
+        }
+        let layers = text_layers(&self.text);
+        if let Some(k) = req.clip_skip.filter(|&k| k > layers) {
+            return Err(Error::invalid_argument(
+                "clip_skip",
+                k,
+                format!("at most {layers}, the text encoder's number of layers"),
+            ));
+        }
         let (pos, pos_pooled, neg, neg_pooled, dropped) = match &req.prompt_embeds {
             Some(e) => {
                 let b = e.prompt_embeds.dim(0)?;
@@ -349,7 +368,7 @@ impl StableDiffusion {
             ),
         };
         for (name, v) in [("height", h), ("width", w)] {
-            if v == 0 || v % f != 0 {
+            if v == 0 || !v.is_multiple_of(f) {
                 return Err(Error::invalid_argument(
                     name,
                     v,
@@ -655,7 +674,7 @@ impl StableDiffusion {
     /// `VaeImageProcessor.postprocess` (NaN/inf is an error, never a black image).
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let image = self.vae.image_from_latents(latents)?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        sd_vae::image::denormalize(&image)
     }
 }
 
@@ -665,6 +684,22 @@ pub fn text_encoder_2(text: &PromptEncoder) -> Option<Arc<ClipTextModel>> {
         PromptEncoder::Sdxl { text_encoder_2, .. }
         | PromptEncoder::Refiner { text_encoder_2, .. } => Some(text_encoder_2.clone()),
         PromptEncoder::Sd { .. } => None,
+    }
+}
+
+/// The fewest layers among the text encoders (`clip_skip` cannot skip more).
+fn text_layers(text: &PromptEncoder) -> usize {
+    match text {
+        PromptEncoder::Sd { text_encoder, .. } => text_encoder.config().num_layers,
+        PromptEncoder::Sdxl {
+            text_encoder,
+            text_encoder_2,
+            ..
+        } => text_encoder
+            .config()
+            .num_layers
+            .min(text_encoder_2.config().num_layers),
+        PromptEncoder::Refiner { text_encoder_2, .. } => text_encoder_2.config().num_layers,
     }
 }
 
@@ -753,7 +788,7 @@ impl RepeatBatch for Tensor {
             return Ok(self.clone());
         }
         let b = self.dim(0)?;
-        let mut parts = Vec::with_capacity(b * n);
+        let mut parts = Vec::with_capacity(b.saturating_mul(n).min(MAX_BATCH));
         for i in 0..b {
             let row = self.narrow(0, i, 1)?;
             for _ in 0..n {

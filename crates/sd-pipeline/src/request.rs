@@ -91,6 +91,10 @@ pub enum OutputType {
     Latents,
 }
 
+/// The most images one call generates (prompts × `num_images_per_prompt`): a bound that keeps a
+/// mistyped count from sizing buffers (memory itself is checked elsewhere).
+pub const MAX_BATCH: usize = 1024;
+
 /// One generation call. [`GenerateRequest::new`] gives diffusers' defaults.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {

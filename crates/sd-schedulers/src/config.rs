@@ -220,11 +220,12 @@ impl SchedulerConfigFile {
             BetaSchedule::Trained(v) => v.len(),
             _ => self.num_train_timesteps.unwrap_or(1000),
         };
-        if num_train_timesteps < 2 {
+        let max_t = crate::schedule::MAX_TRAIN_TIMESTEPS;
+        if !(2..=max_t).contains(&num_train_timesteps) {
             return Err(bad(
                 path,
                 "num_train_timesteps",
-                format!("got {num_train_timesteps}, expected at least 2"),
+                format!("got {num_train_timesteps}, expected 2 to {max_t}"),
             ));
         }
         // PNDM, Heun and LMS do not take `rescale_betas_zero_snr` (diffusers ignores it there).
@@ -261,6 +262,22 @@ impl SchedulerConfigFile {
                 ("trailing", S::Trailing),
             ],
         )?;
+
+        // DDPM/DDIM/PNDM index alphas_cumprod with `leading` timesteps, which start at
+        // steps_offset: from T on, no step count can work (diffusers fails at the first step).
+        let steps_offset = self.steps_offset.unwrap_or(0);
+        if alpha_based && timestep_spacing == S::Leading && steps_offset >= num_train_timesteps {
+            return Err(bad(
+                path,
+                "steps_offset",
+                format!(
+                    "is {steps_offset}; with \"leading\" spacing {} indexes the training \
+                     schedule at steps_offset and above, so it must be below num_train_timesteps \
+                     ({num_train_timesteps})",
+                    kind.class_name()
+                ),
+            ));
+        }
 
         let default_clip = matches!(kind, K::Ddpm | K::Ddim);
         let clip_range = self.clip_sample_range.unwrap_or(1.0);
@@ -370,7 +387,7 @@ impl SchedulerConfigFile {
             rescale_betas_zero_snr,
             prediction_type,
             timestep_spacing,
-            steps_offset: self.steps_offset.unwrap_or(0),
+            steps_offset,
             clip_sample,
             set_alpha_to_one: self.set_alpha_to_one.unwrap_or(default_alpha_one),
             skip_prk_steps: self.skip_prk_steps.unwrap_or(false),

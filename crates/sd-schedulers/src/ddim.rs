@@ -33,7 +33,7 @@ impl Ddim {
         let final_alpha_cumprod = if config.set_alpha_to_one {
             1.0
         } else {
-            schedule.alphas_cumprod[0]
+            schedule.alpha_cumprod(0)?
         };
         Ok(Self {
             config: config.clone(),
@@ -44,12 +44,8 @@ impl Ddim {
         })
     }
 
-    fn alpha_at(&self, t: i64) -> f32 {
-        if t >= 0 {
-            self.schedule.alphas_cumprod[t as usize]
-        } else {
-            self.final_alpha_cumprod
-        }
+    fn alpha_at(&self, t: i64) -> Result<f32> {
+        crate::ops::alpha_cumprod_at(&self.schedule, t, self.final_alpha_cumprod, &self.config)
     }
 }
 
@@ -63,7 +59,7 @@ impl Scheduler for Ddim {
             n,
             c.steps_offset,
             true,
-        );
+        )?;
         Ok(())
     }
 
@@ -93,8 +89,8 @@ impl Scheduler for Ddim {
         let t = self.timesteps[step_index] as i64;
         // diffusers steps back by T // N whatever the spacing
         let prev_t = t - (self.schedule.len() / self.timesteps.len()) as i64;
-        let a_t = self.alpha_at(t);
-        let a_prev = self.alpha_at(prev_t);
+        let a_t = self.alpha_at(t)?;
+        let a_prev = self.alpha_at(prev_t)?;
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let (mut x0, eps) = x0_and_eps_from_alpha(self.config.prediction_type, &mo, &x, a_t)?;
         if let Some(r) = self.config.clip_sample {
@@ -119,7 +115,7 @@ impl Scheduler for Ddim {
         add_noise_alpha(
             original,
             noise,
-            self.alpha_at(self.timesteps[step_index] as i64),
+            self.alpha_at(self.timesteps[step_index] as i64)?,
         )
     }
 

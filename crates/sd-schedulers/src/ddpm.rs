@@ -40,12 +40,8 @@ impl Ddpm {
         &self.schedule
     }
 
-    fn alpha_at(&self, t: i64) -> f32 {
-        if t >= 0 {
-            self.schedule.alphas_cumprod[t as usize]
-        } else {
-            1.0
-        }
+    fn alpha_at(&self, t: i64) -> Result<f32> {
+        crate::ops::alpha_cumprod_at(&self.schedule, t, 1.0, &self.config)
     }
 }
 
@@ -59,7 +55,7 @@ impl Scheduler for Ddpm {
             n,
             c.steps_offset,
             true,
-        );
+        )?;
         Ok(())
     }
 
@@ -80,8 +76,8 @@ impl Scheduler for Ddpm {
         let (mo, x) = (f32(model_output)?, f32(sample)?);
         let t = self.timesteps[step_index] as i64;
         let prev_t = self.timesteps.get(step_index + 1).map_or(-1, |&p| p as i64);
-        let a_t = self.alpha_at(t);
-        let a_prev = self.alpha_at(prev_t);
+        let a_t = self.alpha_at(t)?;
+        let a_prev = self.alpha_at(prev_t)?;
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let cur_alpha = a_t / a_prev;
         let cur_beta = 1.0 - cur_alpha;
@@ -113,7 +109,7 @@ impl Scheduler for Ddpm {
         add_noise_alpha(
             original,
             noise,
-            self.alpha_at(self.timesteps[step_index] as i64),
+            self.alpha_at(self.timesteps[step_index] as i64)?,
         )
     }
 

@@ -66,30 +66,40 @@ impl Scheduler for DpmSolverMultistep {
             last_timestep,
             n,
             c.steps_offset,
-        );
+        )?;
         let train = sch.train_sigmas();
         let sigmas: Vec<f64> = if c.use_karras_sigmas {
             let logs = log_sigmas(&train);
-            let s = karras_sigmas(train[0] as f64, train[t_train - 1] as f64, n);
+            let (Some(&first), Some(&last)) = (train.first(), train.last()) else {
+                return Err(sd_core::Error::invalid_argument(
+                    "num_train_timesteps",
+                    t_train,
+                    "at least 1",
+                ));
+            };
+            let s = karras_sigmas(first as f64, last as f64, n);
             let cosine = matches!(c.betas, BetaSchedule::SquaredCosCapV2);
             timesteps = s
                 .iter()
-                .map(|&x| {
-                    let t = sigma_to_t(x, &logs);
-                    if cosine {
+                .map(|&x| -> Result<f64> {
+                    let t = sigma_to_t(x, &logs)?;
+                    Ok(if cosine {
                         t.trunc()
                     } else {
                         t.round_ties_even()
-                    }
+                    })
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             s
         } else {
-            timesteps.iter().map(|&t| interp(t, &train)).collect()
+            timesteps
+                .iter()
+                .map(|&t| interp(t, &train))
+                .collect::<Result<_>>()?
         };
         let last = match c.final_sigmas {
             FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => sigma_of_alpha(sch.alphas_cumprod[0]),
+            FinalSigmas::SigmaMin => sigma_of_alpha(sch.alpha_cumprod(0)?),
         };
         self.sched.set(
             timesteps,

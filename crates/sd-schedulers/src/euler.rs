@@ -41,10 +41,10 @@ impl Scheduler for Euler {
             n,
             c.steps_offset,
             karras,
-        );
+        )?;
         let last = match c.final_sigmas {
             FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => sigma_of_alpha(self.sched.schedule.alphas_cumprod[0]),
+            FinalSigmas::SigmaMin => sigma_of_alpha(self.sched.schedule.alpha_cumprod(0)?),
         };
         let mut s: Vec<f32> = sigmas.iter().map(|&x| x as f32).collect();
         s.push(last);

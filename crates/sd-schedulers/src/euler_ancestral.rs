@@ -46,7 +46,7 @@ impl Scheduler for EulerAncestral {
             n,
             c.steps_offset,
             None,
-        );
+        )?;
         let mut s: Vec<f32> = sigmas.iter().map(|&x| x as f32).collect();
         s.push(0.0);
         self.sched.set(timesteps, s);

@@ -46,16 +46,22 @@ impl Scheduler for Heun {
             n,
             c.steps_offset,
             karras,
-        );
-        let s: Vec<f32> = s.iter().map(|&x| x as f32).chain([0.0]).collect();
+        )?;
         // sigmas: s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0; timesteps: t0, t1, t1, ..., t_{N-1}, t_{N-1}
-        let mut sigmas = vec![s[0]];
-        for &x in &s[1..s.len() - 1] {
-            sigmas.extend([x, x]);
+        let (Some((&s0, s_rest)), Some((&t0, t_rest))) = (s.split_first(), t.split_first()) else {
+            return Err(sd_core::Error::invalid_argument(
+                "num_inference_steps",
+                n,
+                "a step count that gives at least one timestep",
+            ));
+        };
+        let mut sigmas = vec![s0 as f32];
+        for &x in s_rest {
+            sigmas.extend([x as f32, x as f32]);
         }
         sigmas.push(0.0);
-        let mut timesteps = vec![t[0]];
-        for &x in &t[1..] {
+        let mut timesteps = vec![t0];
+        for &x in t_rest {
             timesteps.extend([x, x]);
         }
         self.sched.set(timesteps, sigmas);

@@ -70,7 +70,7 @@ impl Scheduler for Lms {
             n,
             c.steps_offset,
             karras,
-        );
+        )?;
         self.sched
             .set(t, s.iter().map(|&x| x as f32).chain([0.0]).collect());
         self.derivatives.clear();

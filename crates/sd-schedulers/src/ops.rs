@@ -85,6 +85,35 @@ pub(crate) fn scale_input(sample: &Tensor, sigma: f32) -> Result<Tensor> {
     Ok(div(&f32(sample)?, (sigma * sigma + 1.0).sqrt())?.to_dtype(dtype)?)
 }
 
+/// `alphas_cumprod[t]` for the alpha-based schedulers (DDPM, DDIM, PNDM); `past_end` is the
+/// value before the first training step (`t < 0`). A `t` beyond the schedule is an error that
+/// names the likely cause: `leading` spacing plus `steps_offset` can reach `T` (SD 1.5's config
+/// with 1000 steps gives t = 1000), where diffusers fails with torch's `IndexError`.
+pub(crate) fn alpha_cumprod_at(
+    schedule: &crate::schedule::NoiseSchedule,
+    t: i64,
+    past_end: f32,
+    config: &crate::config::SchedulerConfig,
+) -> Result<f32> {
+    if t < 0 {
+        return Ok(past_end);
+    }
+    schedule.alpha_cumprod(t).map_err(|_| {
+        sd_core::Error::invalid_argument(
+            "num_inference_steps",
+            format!("a schedule reaching timestep {t}"),
+            format!(
+                "timesteps below num_train_timesteps ({}): with {:?} spacing and steps_offset {} \
+                 the last steps run past the training schedule; use fewer steps, a smaller \
+                 steps_offset or \"trailing\" spacing",
+                schedule.len(),
+                config.timestep_spacing,
+                config.steps_offset
+            ),
+        )
+    })
+}
+
 /// `num_inference_steps` must be at least 1.
 pub(crate) fn check_positive_steps(n: usize) -> Result<()> {
     if n == 0 {

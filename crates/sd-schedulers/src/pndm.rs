@@ -42,7 +42,7 @@ impl Pndm {
         let final_alpha_cumprod = if config.set_alpha_to_one {
             1.0
         } else {
-            schedule.alphas_cumprod[0]
+            schedule.alpha_cumprod(0)?
         };
         Ok(Self {
             config: config.clone(),
@@ -57,18 +57,14 @@ impl Pndm {
         })
     }
 
-    fn alpha_at(&self, t: i64) -> f32 {
-        if t >= 0 {
-            self.schedule.alphas_cumprod[t as usize]
-        } else {
-            self.final_alpha_cumprod
-        }
+    fn alpha_at(&self, t: i64) -> Result<f32> {
+        crate::ops::alpha_cumprod_at(&self.schedule, t, self.final_alpha_cumprod, &self.config)
     }
 
     /// `_get_prev_sample`: the DDIM-like transfer from `t` to `prev_t` with noise estimate `eps`.
     fn prev_sample(&self, x: &Tensor, t: i64, prev_t: i64, eps: &Tensor) -> Result<Tensor> {
-        let a_t = self.alpha_at(t);
-        let a_prev = self.alpha_at(prev_t);
+        let a_t = self.alpha_at(t)?;
+        let a_prev = self.alpha_at(prev_t)?;
         let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
         let eps = match self.config.prediction_type {
             PredictionType::VPrediction => lin2(a_t.sqrt(), eps, b_t.sqrt(), x)?,
@@ -85,16 +81,21 @@ impl Scheduler for Pndm {
         crate::ddpm::check_steps(n, self.schedule.len())?;
         let (t, c) = (self.schedule.len(), &self.config);
         // ascending `_timesteps` (each spacing gives the same values as DDIM's, ascending)
-        let asc: Vec<f64> = spaced_timesteps(c.timestep_spacing, t, n, c.steps_offset, true)
+        let asc: Vec<f64> = spaced_timesteps(c.timestep_spacing, t, n, c.steps_offset, true)?
             .into_iter()
             .rev()
             .collect();
         // plms: _timesteps[:-1], _timesteps[-2:-1], _timesteps[-1:], reversed
-        let mut plms: Vec<f64> = asc[..asc.len() - 1].to_vec();
-        if asc.len() >= 2 {
-            plms.push(asc[asc.len() - 2]);
-        }
-        plms.push(asc[asc.len() - 1]);
+        let Some((&last, rest)) = asc.split_last() else {
+            return Err(sd_core::Error::invalid_argument(
+                "num_inference_steps",
+                n,
+                "a step count that gives at least one timestep",
+            ));
+        };
+        let mut plms: Vec<f64> = rest.to_vec();
+        plms.extend(rest.last().copied());
+        plms.push(last);
         plms.reverse();
         self.timesteps = plms;
         self.num_inference_steps = n;
@@ -170,7 +171,7 @@ impl Scheduler for Pndm {
         add_noise_alpha(
             original,
             noise,
-            self.alpha_at(self.timesteps[step_index] as i64),
+            self.alpha_at(self.timesteps[step_index] as i64)?,
         )
     }
 

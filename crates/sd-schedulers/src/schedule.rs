@@ -9,6 +9,15 @@
 
 use sd_core::{Error, Result};
 
+/// The largest `num_train_timesteps` sd-rs accepts (real models use 1000). The schedule holds
+/// a few values per training step, so a larger count would only allocate memory.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
+/// The largest `num_inference_steps` sd-rs accepts (DDPM/DDIM/PNDM also refuse more than
+/// `num_train_timesteps`). Every step costs a model evaluation; the bound keeps a mistyped
+/// step count from allocating the schedule's memory instead of failing.
+pub const MAX_INFERENCE_STEPS: usize = 100_000;
+
 /// How the training betas are laid out (`beta_schedule` / `trained_betas` in the config).
 #[derive(Debug, Clone, PartialEq)]
 pub enum BetaSchedule {
@@ -61,6 +70,13 @@ impl NoiseSchedule {
         num_train_timesteps: usize,
         rescale_zero_snr: bool,
     ) -> Result<Self> {
+        if !matches!(betas, BetaSchedule::Trained(_)) && num_train_timesteps > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::invalid_argument(
+                "num_train_timesteps",
+                num_train_timesteps,
+                format!("at most {MAX_TRAIN_TIMESTEPS}"),
+            ));
+        }
         let mut b: Vec<f32> = match betas {
             BetaSchedule::Linear { start, end } => {
                 torch_linspace_f32(*start, *end, num_train_timesteps)
@@ -79,6 +95,13 @@ impl NoiseSchedule {
                 "num_train_timesteps",
                 0,
                 "at least one training timestep",
+            ));
+        }
+        if b.len() > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::invalid_argument(
+                "num_train_timesteps",
+                b.len(),
+                format!("at most {MAX_TRAIN_TIMESTEPS}"),
             ));
         }
         if rescale_zero_snr {
@@ -101,6 +124,25 @@ impl NoiseSchedule {
         self.alphas_cumprod.is_empty()
     }
 
+    /// `alphas_cumprod[t]`, or an error naming `t` and the schedule's range when `t` is past
+    /// either end (diffusers raises torch's `IndexError` there).
+    pub fn alpha_cumprod(&self, t: i64) -> Result<f32> {
+        usize::try_from(t)
+            .ok()
+            .and_then(|i| self.alphas_cumprod.get(i))
+            .copied()
+            .ok_or_else(|| {
+                Error::invalid_argument(
+                    "timestep",
+                    t,
+                    format!(
+                        "a training timestep in 0..={}",
+                        self.alphas_cumprod.len().saturating_sub(1)
+                    ),
+                )
+            })
+    }
+
     /// `((1 - alphas_cumprod) / alphas_cumprod) ** 0.5` in float32, indexed by training timestep
     /// (ascending noise).
     pub fn train_sigmas(&self) -> Vec<f32> {
@@ -121,8 +163,10 @@ pub fn sigma_of_alpha(a: f32) -> f32 {
 /// elements differently (at most 1 ulp), which the reference tests measure.
 pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
     let (s, e) = (start as f32, end as f32);
-    if n == 1 {
-        return vec![s];
+    match n {
+        0 => return Vec::new(),
+        1 => return vec![s],
+        _ => {}
     }
     let step = (e - s) / (n - 1) as f32;
     let half = n / 2;
@@ -137,10 +181,13 @@ pub fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `numpy.linspace(start, end, n)` in float64 (`start + i * step`, last value exactly `end`).
+/// `numpy.linspace(start, end, n)` in float64 (`start + i * step`, last value exactly `end`;
+/// empty for `n = 0`, as numpy).
 pub fn np_linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
+    match n {
+        0 => return Vec::new(),
+        1 => return vec![start],
+        _ => {}
     }
     let step = (end - start) / (n - 1) as f64;
     let mut v: Vec<f64> = (0..n).map(|i| i as f64 * step + start).collect();
@@ -195,31 +242,74 @@ fn cumprod_f32(x: &[f32]) -> Vec<f32> {
 fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     let alphas: Vec<f32> = betas.iter().map(|&b| 1.0 - b).collect();
     let mut sqrt_bar: Vec<f32> = cumprod_f32(&alphas).iter().map(|a| a.sqrt()).collect();
-    let (first, last) = (sqrt_bar[0], sqrt_bar[sqrt_bar.len() - 1]);
+    let (Some(&first), Some(&last)) = (sqrt_bar.first(), sqrt_bar.last()) else {
+        return Vec::new();
+    };
     let scale = first / (first - last);
     for v in &mut sqrt_bar {
         *v = (*v - last) * scale;
     }
     let bar: Vec<f32> = sqrt_bar.iter().map(|v| v * v).collect();
     let mut out = Vec::with_capacity(bar.len());
-    out.push(1.0 - bar[0]);
+    out.extend(bar.first().map(|b0| 1.0 - b0));
     for w in bar.windows(2) {
         out.push(1.0 - w[1] / w[0]);
     }
     out
 }
 
+/// Checks the step counts every spacing divides by: `n` in `1..=MAX_INFERENCE_STEPS`, `t` in
+/// `1..=MAX_TRAIN_TIMESTEPS`.
+fn check_counts(num_train_timesteps: usize, num_inference_steps: usize) -> Result<()> {
+    if !(1..=MAX_TRAIN_TIMESTEPS).contains(&num_train_timesteps) {
+        return Err(Error::invalid_argument(
+            "num_train_timesteps",
+            num_train_timesteps,
+            format!("1..={MAX_TRAIN_TIMESTEPS}"),
+        ));
+    }
+    if !(1..=MAX_INFERENCE_STEPS).contains(&num_inference_steps) {
+        return Err(Error::invalid_argument(
+            "num_inference_steps",
+            num_inference_steps,
+            format!("1..={MAX_INFERENCE_STEPS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `i * ratio + steps_offset` for `leading` spacing, checked (a config's `steps_offset` can be
+/// any integer).
+fn leading_timestep(i: usize, ratio: usize, steps_offset: usize) -> Result<f64> {
+    i.checked_mul(ratio)
+        .and_then(|x| x.checked_add(steps_offset))
+        .map(|x| x as f64)
+        .ok_or_else(|| {
+            Error::invalid_argument(
+                "steps_offset",
+                steps_offset,
+                "a value that keeps `leading` timesteps within the integer range",
+            )
+        })
+}
+
 /// Descending inference timesteps for `num_inference_steps` as DDPM/DDIM (`integer`) and the
 /// sigma schedulers (not `integer`: `linspace` keeps fractional float32 values) compute them.
+///
+/// `num_inference_steps` must be in `1..=`[`MAX_INFERENCE_STEPS`] and `num_train_timesteps` in
+/// `1..=`[`MAX_TRAIN_TIMESTEPS`]. `leading` timesteps can reach `num_train_timesteps` or beyond
+/// (`steps_offset` is added), exactly as in diffusers; the schedulers that index
+/// `alphas_cumprod` with them report an error for such a timestep.
 pub fn spaced_timesteps(
     spacing: TimestepSpacing,
     num_train_timesteps: usize,
     num_inference_steps: usize,
     steps_offset: usize,
     integer: bool,
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
+    check_counts(num_train_timesteps, num_inference_steps)?;
     let (t, n) = (num_train_timesteps, num_inference_steps);
-    match spacing {
+    Ok(match spacing {
         TimestepSpacing::Linspace => np_linspace(0.0, (t - 1) as f64, n)
             .into_iter()
             .rev()
@@ -235,27 +325,29 @@ pub fn spaced_timesteps(
             let ratio = t / n;
             (0..n)
                 .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
+                .map(|i| leading_timestep(i, ratio, steps_offset))
+                .collect::<Result<_>>()?
         }
         TimestepSpacing::Trailing => np_arange_down(t as f64, t as f64 / n as f64)
             .into_iter()
             .map(|x| x.round_ties_even() - 1.0)
             .collect(),
-    }
+    })
 }
 
 /// DPMSolverMultistepScheduler's own spacing: `N + 1` points with the last dropped, counted up
-/// to `last_timestep` (below `T` when `lambda_min_clipped` clips the tail).
+/// to `last_timestep` (below `T` when `lambda_min_clipped` clips the tail). The counts are
+/// checked as in [`spaced_timesteps`].
 pub fn dpm_timesteps(
     spacing: TimestepSpacing,
     num_train_timesteps: usize,
     last_timestep: usize,
     num_inference_steps: usize,
     steps_offset: usize,
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
+    check_counts(num_train_timesteps, num_inference_steps)?;
     let n = num_inference_steps;
-    match spacing {
+    Ok(match spacing {
         TimestepSpacing::Linspace => {
             let v = np_linspace(0.0, last_timestep as f64 - 1.0, n + 1);
             v[1..].iter().rev().map(|x| x.round_ties_even()).collect()
@@ -264,8 +356,8 @@ pub fn dpm_timesteps(
             let ratio = last_timestep / (n + 1);
             (1..=n)
                 .rev()
-                .map(|i| (i * ratio + steps_offset) as f64)
-                .collect()
+                .map(|i| leading_timestep(i, ratio, steps_offset))
+                .collect::<Result<_>>()?
         }
         TimestepSpacing::Trailing => {
             let step = num_train_timesteps as f64 / n as f64;
@@ -274,21 +366,32 @@ pub fn dpm_timesteps(
                 .map(|x| x.round_ties_even() - 1.0)
                 .collect()
         }
-    }
+    })
 }
 
-/// `numpy.interp(x, arange(len(fp)), fp)` for one point (clamped at both ends).
-pub fn interp(x: f64, fp: &[f32]) -> f64 {
-    let last = fp.len() - 1;
+/// `numpy.interp(x, arange(len(fp)), fp)` for one point (clamped at both ends). An empty `fp`
+/// is an error, as numpy's `ValueError`; a NaN `x` gives NaN.
+pub fn interp(x: f64, fp: &[f32]) -> Result<f64> {
+    let (Some(&first), Some(&last)) = (fp.first(), fp.last()) else {
+        return Err(Error::invalid_argument(
+            "fp",
+            "an empty list",
+            "at least one value to interpolate",
+        ));
+    };
+    if x.is_nan() {
+        return Ok(f64::NAN);
+    }
     if x <= 0.0 {
-        return fp[0] as f64;
+        return Ok(first as f64);
     }
-    if x >= last as f64 {
-        return fp[last] as f64;
+    if x >= (fp.len() - 1) as f64 {
+        return Ok(last as f64);
     }
+    // 0 < x < len - 1, so j and j + 1 are in range
     let j = x.floor() as usize;
-    let slope = (fp[j + 1] as f64 - fp[j] as f64) / 1.0;
-    slope * (x - j as f64) + fp[j] as f64
+    let (a, b) = (fp[j] as f64, fp[j + 1] as f64);
+    Ok((b - a) * (x - j as f64) + a)
 }
 
 /// Karras et al. (2022) sigmas: `rho = 7` interpolation between `sigma_max` and `sigma_min`.
@@ -302,19 +405,27 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
 }
 
 /// `_sigma_to_t`: the fractional training timestep whose sigma is `sigma`, interpolating
-/// linearly in log-sigma. `log_sigmas` are the float32 logs of the training sigmas.
-pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+/// linearly in log-sigma. `log_sigmas` are the float32 logs of the training sigmas (at least
+/// two, else an error).
+pub fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> Result<f64> {
     let log_sigma = sigma.max(1e-10).ln();
     let n = log_sigmas.len();
+    if n < 2 {
+        return Err(Error::invalid_argument(
+            "log_sigmas",
+            format!("{n} values"),
+            "at least 2 training sigmas to interpolate between",
+        ));
+    }
     // index of the last training log-sigma <= log_sigma (0 if none), capped at n - 2
     let count = log_sigmas
         .iter()
         .filter(|&&l| log_sigma - l as f64 >= 0.0)
         .count();
-    let low = count.saturating_sub(1).min(n.saturating_sub(2));
+    let low = count.saturating_sub(1).min(n - 2);
     let (lo, hi) = (log_sigmas[low] as f64, log_sigmas[low + 1] as f64);
     let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
-    (1.0 - w) * low as f64 + w * (low + 1) as f64
+    Ok((1.0 - w) * low as f64 + w * (low + 1) as f64)
 }
 
 /// float32 logs of the training sigmas (numpy's `np.log` on a float32 array).
@@ -333,7 +444,7 @@ pub fn discrete_sigma_steps(
     num_inference_steps: usize,
     steps_offset: usize,
     karras: Option<(Option<f64>, Option<f64>)>,
-) -> (Vec<f64>, Vec<f64>) {
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let train = schedule.train_sigmas();
     let mut timesteps = spaced_timesteps(
         spacing,
@@ -341,16 +452,29 @@ pub fn discrete_sigma_steps(
         num_inference_steps,
         steps_offset,
         false,
-    );
-    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
+    )?;
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| interp(t, &train))
+        .collect::<Result<_>>()?;
     if let Some((smin, smax)) = karras {
         let logs = log_sigmas(&train);
-        let smin = smin.unwrap_or(sigmas[sigmas.len() - 1]);
-        let smax = smax.unwrap_or(sigmas[0]);
+        let (Some(&last), Some(&first)) = (sigmas.last(), sigmas.first()) else {
+            return Err(Error::invalid_argument(
+                "num_inference_steps",
+                num_inference_steps,
+                "a step count that gives at least one timestep",
+            ));
+        };
+        let smin = smin.unwrap_or(last);
+        let smax = smax.unwrap_or(first);
         sigmas = karras_sigmas(smin, smax, num_inference_steps);
-        timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs)).collect();
+        timesteps = sigmas
+            .iter()
+            .map(|&s| sigma_to_t(s, &logs))
+            .collect::<Result<_>>()?;
     }
-    (timesteps, sigmas)
+    Ok((timesteps, sigmas))
 }
 
 /// `init_noise_sigma` of the sigma schedulers: the largest sigma, or `sqrt(max^2 + 1)` with
@@ -412,7 +536,7 @@ mod tests {
         // Regression: implementations that step with a rounded integer ratio or an inclusive
         // range return N + 1 or N - 1 values for some N.
         for n in 1..=1000 {
-            let t = spaced_timesteps(TimestepSpacing::Trailing, 1000, n, 1, true);
+            let t = spaced_timesteps(TimestepSpacing::Trailing, 1000, n, 1, true).unwrap();
             assert_eq!(t.len(), n, "N = {n}");
             assert_eq!(t[0], 999.0, "N = {n}");
             assert!(t.windows(2).all(|w| w[0] > w[1]), "N = {n}: {t:?}");

@@ -126,7 +126,7 @@ pub trait Scheduler: Send {
         )?;
         let ts = self.timesteps();
         let mut n = ts.iter().filter(|&&t| t < cutoff).count();
-        if self.order() == 2 && n % 2 == 0 {
+        if self.order() == 2 && n.is_multiple_of(2) {
             n += 1;
         }
         Ok(ts.len().saturating_sub(n))

@@ -14,8 +14,10 @@ use sd_core::config::{read_json, unknown_keys, OneOrMany};
 use sd_core::{Error, Result};
 
 mod file;
+mod validate;
 
 pub use file::{TransformerLayers, UNetConfigFile};
+pub use validate::{MAX_CHANNELS, MAX_KERNEL, MAX_LAYERS, MAX_LEVELS, MAX_SAMPLE_SIZE};
 
 /// Down-block kinds of the SD UNets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,9 +168,14 @@ impl UNetConfig {
         file.resolve(path)
     }
 
-    /// Factor by which the deepest level is smaller than the input: 2^(number of upsamplers).
+    /// Factor by which the deepest level is smaller than the input: 2^(number of upsamplers)
+    /// (saturating at `usize::MAX` for a config [`UNetConfig::validate`] would refuse).
     pub fn upsampling_factor(&self) -> usize {
-        1 << self.up_blocks.iter().filter(|b| b.add_upsample).count()
+        let n = self.up_blocks.iter().filter(|b| b.add_upsample).count();
+        u32::try_from(n)
+            .ok()
+            .and_then(|n| 1usize.checked_shl(n))
+            .unwrap_or(usize::MAX)
     }
 }
 
@@ -191,8 +198,11 @@ impl UNetConfigFile {
         self.check_unsupported(path)?;
 
         let n = self.down_block_types.len();
-        if n == 0 {
-            return Err(err("down_block_types", "is empty".into()));
+        if !(1..=MAX_LEVELS).contains(&n) {
+            return Err(err(
+                "down_block_types",
+                format!("has {n} entries, expected 1 to {MAX_LEVELS} blocks"),
+            ));
         }
         if self.up_block_types.len() != n {
             return Err(err(
@@ -212,6 +222,17 @@ impl UNetConfigFile {
                 ),
             ));
         }
+        if let Some((i, c)) = self
+            .block_out_channels
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !(1..=MAX_CHANNELS).contains(*c))
+        {
+            return Err(err(
+                "block_out_channels",
+                format!("entry {i} is {c}, expected 1 to {MAX_CHANNELS} channels"),
+            ));
+        }
         let groups = match self.norm_num_groups {
             Some(g) if g > 0 => g,
             _ => {
@@ -222,7 +243,11 @@ impl UNetConfigFile {
                 ))
             }
         };
-        if let Some(c) = self.block_out_channels.iter().find(|c| **c % groups != 0) {
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|c| !c.is_multiple_of(groups))
+        {
             return Err(err(
                 "norm_num_groups",
                 format!("{groups} does not divide block_out_channels entry {c}"),
@@ -232,7 +257,7 @@ impl UNetConfigFile {
             ("conv_in_kernel", self.conv_in_kernel),
             ("conv_out_kernel", self.conv_out_kernel),
         ] {
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 return Err(err(key, format!("is {k}, expected an odd kernel size")));
             }
         }
@@ -240,6 +265,12 @@ impl UNetConfigFile {
         let layers = self
             .layers_per_block
             .per_block(n, path, "layers_per_block")?;
+        if let Some(l) = layers.iter().find(|l| !(1..=MAX_LAYERS).contains(*l)) {
+            return Err(err(
+                "layers_per_block",
+                format!("has {l}, expected 1 to {MAX_LAYERS} ResNets per block"),
+            ));
+        }
         let heads = self
             .attention_head_dim
             .per_block(n, path, "attention_head_dim")?;
@@ -412,7 +443,7 @@ impl UNetConfigFile {
             }
         };
 
-        Ok(UNetConfig {
+        let config = UNetConfig {
             in_channels: self.in_channels,
             out_channels: self.out_channels,
             sample_size,
@@ -431,6 +462,16 @@ impl UNetConfigFile {
             down_blocks,
             mid_block,
             up_blocks,
-        })
+        };
+        // The checks the model constructor repeats, with the file's path in the error.
+        config.check().map_err(|p| {
+            // `sample_size.0` -> `sample_size`; resolved-only paths keep their full name
+            let field = p.key.split(['.', '[']).next().unwrap_or(&p.key);
+            err(
+                field,
+                format!("{} is {}, expected {}", p.key, p.got, p.expected),
+            )
+        })?;
+        Ok(config)
     }
 }

@@ -65,7 +65,10 @@ pub fn forward_flops(
         macs: 0,
     };
     let temb = config.time_embed_dim;
-    let c0 = config.block_out_channels[0];
+    // An empty config (refused by `UNetConfig::validate`) counts no FLOPs.
+    let Some(&c0) = config.block_out_channels.first() else {
+        return 0;
+    };
     c.linear(1, c0, temb);
     c.linear(1, temb, temb);
     if let Some(tt) = &config.text_time {
@@ -90,7 +93,8 @@ pub fn forward_flops(
         }
         if b.add_downsample {
             let p = config.downsample_padding;
-            hw = ((hw.0 + 2 * p - 3) / 2 + 1, (hw.1 + 2 * p - 3) / 2 + 1);
+            let down = |x: usize| (x + 2 * p).saturating_sub(3) / 2 + 1;
+            hw = (down(hw.0), down(hw.1));
             c.conv(hw, b.out_channels, b.out_channels, 3);
             skip_sizes.push(hw);
         }

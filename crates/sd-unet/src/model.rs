@@ -61,9 +61,15 @@ impl UNet2DConditionModel {
 
     /// Builds the model from a resolved config, taking its weights from `vb` (call
     /// [`VarBuilder::finish`] afterwards to get the load report).
+    ///
+    /// The config is checked first ([`UNetConfig::validate`]): a hand-built config that cannot
+    /// give a working model is an [`Error::InvalidArgument`] naming the field.
     pub fn from_config(config: UNetConfig, vb: &VarBuilder) -> Result<Self> {
-        let boc = &config.block_out_channels;
-        let c0 = boc[0];
+        config.validate()?;
+        let c0 = *config
+            .block_out_channels
+            .first()
+            .expect("invariant: validate() requires at least one block");
         let temb = config.time_embed_dim;
         let shared = ResnetShared {
             temb_channels: temb,
@@ -215,13 +221,12 @@ impl UNet2DConditionModel {
         }
 
         // Time embedding: sinusoids in f32, cast to the model dtype, then the MLP.
-        let t_emb = timestep_embedding(
-            &timesteps,
-            cfg.block_out_channels[0],
-            cfg.flip_sin_to_cos,
-            cfg.freq_shift,
-        )?
-        .to_dtype(self.dtype)?;
+        let c0 = *cfg
+            .block_out_channels
+            .first()
+            .expect("invariant: the config was validated at construction");
+        let t_emb = timestep_embedding(&timesteps, c0, cfg.flip_sin_to_cos, cfg.freq_shift)?
+            .to_dtype(self.dtype)?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let Some(aug) = self.added_embedding(b, added)? {
             emb = (emb + aug)?;
@@ -240,7 +245,7 @@ impl UNet2DConditionModel {
         // Up path. When a side is not a multiple of 2^levels, each upsampler resizes to the
         // size of the skip connection it will meet instead of doubling.
         let factor = cfg.upsampling_factor();
-        let forward_size = h % factor != 0 || w % factor != 0;
+        let forward_size = !h.is_multiple_of(factor) || !w.is_multiple_of(factor);
         let n_up = self.up_blocks.len();
         for (i, block) in self.up_blocks.iter().enumerate() {
             let size = if forward_size && i + 1 < n_up {

@@ -80,7 +80,10 @@ impl AutoencoderKL {
     /// Builds the model from any [`VarBuilder`] (its dtype is the compute dtype); the caller
     /// calls [`VarBuilder::finish`]. Tiling starts as [`Tiling::Auto`] with the config's tile sizes
     /// (or [`Tiling::Off`] when `sample_size` is too small to give a tile).
+    ///
+    /// The config is checked first ([`VaeConfig::validate`]).
     pub fn from_var_builder(vb: &VarBuilder, config: VaeConfig) -> Result<Self> {
+        config.validate()?;
         let lc = config.latent_channels;
         let quant_conv = if config.use_quant_conv {
             Some(Conv2d::load(&vb.pp("quant_conv"), 2 * lc, 2 * lc, 1, 1, 0)?)
@@ -353,7 +356,7 @@ impl AutoencoderKL {
         let f = self.scale_factor();
         let c = self.config.in_channels;
         match *image.dims() {
-            [_, ch, h, w] if ch == c && h % f == 0 && w % f == 0 && h > 0 && w > 0 => Ok((h, w)),
+            [_, ch, h, w] if ch == c && h.is_multiple_of(f) && w.is_multiple_of(f) && h > 0 && w > 0 => Ok((h, w)),
             [_, ch, h, w] if ch == c => Err(Error::invalid_argument(
                 "image",
                 format!("{h}x{w} pixels (shape {:?})", image.dims()),

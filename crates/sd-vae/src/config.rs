@@ -185,16 +185,126 @@ impl VaeConfig {
         Self::try_from((raw, path.to_path_buf()))
     }
 
-    /// The spatial downsampling factor, `2^(len(block_out_channels) - 1)` (8 for SD).
+    /// The spatial downsampling factor, `2^(len(block_out_channels) - 1)` (8 for SD; saturating
+    /// for a config [`VaeConfig::validate`] refuses).
     pub fn scale_factor(&self) -> usize {
-        1 << (self.block_out_channels.len() - 1)
+        let shift = self.block_out_channels.len().saturating_sub(1);
+        u32::try_from(shift)
+            .ok()
+            .and_then(|s| 1usize.checked_shl(s))
+            .unwrap_or(usize::MAX)
     }
 
     /// diffusers' default `tile_latent_min_size`: `int(sample_size / scale_factor)`.
     pub fn tile_latent_size(&self) -> usize {
         self.sample_size / self.scale_factor()
     }
+
+    /// Checks that a model can be built from this config and run without index or arithmetic
+    /// failures (the fields are public, so a config can be built by hand):
+    /// 1 to [`MAX_BLOCKS`] blocks of 1 to [`MAX_CHANNELS`] channels, each divisible by
+    /// `norm_num_groups`; positive channel and layer counts within bounds; a positive finite
+    /// `scaling_factor`; per-channel latent statistics with one finite value per latent channel
+    /// (positive std). [`crate::AutoencoderKL::from_var_builder`] calls it; errors are
+    /// [`Error::Config`] naming [`VaeConfig::path`] and the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: String| Error::config(&self.path, Some(key), reason);
+        let n = self.block_out_channels.len();
+        if n == 0 || n > MAX_BLOCKS {
+            return Err(bad(
+                "block_out_channels",
+                format!("has {n} entries, expected 1 to {MAX_BLOCKS} blocks"),
+            ));
+        }
+        if let Some((i, c)) = self
+            .block_out_channels
+            .iter()
+            .enumerate()
+            .find(|(_, c)| !(1..=MAX_CHANNELS).contains(*c))
+        {
+            return Err(bad(
+                "block_out_channels",
+                format!("entry {i} is {c}, expected a channel count from 1 to {MAX_CHANNELS}"),
+            ));
+        }
+        let groups = self.norm_num_groups;
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| groups == 0 || !c.is_multiple_of(groups))
+        {
+            return Err(bad(
+                "norm_num_groups",
+                format!("{groups} does not divide the {c} channels of a block"),
+            ));
+        }
+        for (key, v, max) in [
+            ("in_channels", self.in_channels, MAX_CHANNELS),
+            ("out_channels", self.out_channels, MAX_CHANNELS),
+            ("latent_channels", self.latent_channels, MAX_CHANNELS),
+            ("layers_per_block", self.layers_per_block, MAX_LAYERS),
+        ] {
+            if v == 0 || v > max {
+                return Err(bad(key, format!("is {v}, expected 1 to {max}")));
+            }
+        }
+        // 0 is accepted (no automatic tiling), as diffusers loads such a config.
+        if self.sample_size > MAX_SAMPLE_SIZE {
+            return Err(bad(
+                "sample_size",
+                format!(
+                    "is {}, expected at most {MAX_SAMPLE_SIZE}",
+                    self.sample_size
+                ),
+            ));
+        }
+        let scaling_factor = match &self.latent_normalization {
+            LatentNormalization::Scale { scaling_factor, .. }
+            | LatentNormalization::PerChannel { scaling_factor, .. } => *scaling_factor,
+        };
+        for s in [self.scaling_factor, scaling_factor] {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(bad(
+                    "scaling_factor",
+                    format!("{s} is not a positive number"),
+                ));
+            }
+        }
+        if let Some(s) = self.shift_factor.filter(|s| !s.is_finite()) {
+            return Err(bad("shift_factor", format!("{s} is not a finite number")));
+        }
+        if let LatentNormalization::PerChannel { mean, std, .. } = &self.latent_normalization {
+            for (key, v) in [("latents_mean", mean), ("latents_std", std)] {
+                if v.len() != self.latent_channels {
+                    return Err(bad(
+                        key,
+                        format!(
+                            "has {} entries, expected one per latent channel ({})",
+                            v.len(),
+                            self.latent_channels
+                        ),
+                    ));
+                }
+            }
+            if mean.iter().any(|m| !m.is_finite()) {
+                return Err(bad("latents_mean", "expected finite values".into()));
+            }
+            if std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err(bad("latents_std", "expected positive values".into()));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// Most blocks (resolution levels) of a VAE: each halves the image.
+pub const MAX_BLOCKS: usize = 16;
+/// Most channels of a VAE layer (SD: 512).
+pub const MAX_CHANNELS: usize = 1 << 16;
+/// Most ResNets per block (SD: 2).
+pub const MAX_LAYERS: usize = 64;
+/// Largest `sample_size` (it only sets the default tile size; SD: 512, SDXL: 1024).
+pub const MAX_SAMPLE_SIZE: usize = 1 << 20;
 
 impl TryFrom<(VaeConfigJson, PathBuf)> for VaeConfig {
     type Error = Error;
@@ -202,16 +312,10 @@ impl TryFrom<(VaeConfigJson, PathBuf)> for VaeConfig {
     fn try_from((raw, path): (VaeConfigJson, PathBuf)) -> Result<Self> {
         let bad = |key: &str, reason: String| Error::config(&path, Some(key), reason);
         let n = raw.block_out_channels.len();
-        if n == 0 || n > 16 {
+        if n == 0 || n > MAX_BLOCKS {
             return Err(bad(
                 "block_out_channels",
-                format!("has {n} entries, expected 1 to 16 blocks"),
-            ));
-        }
-        if let Some(i) = raw.block_out_channels.iter().position(|&c| c == 0) {
-            return Err(bad(
-                "block_out_channels",
-                format!("entry {i} is 0, expected a positive channel count"),
+                format!("has {n} entries, expected 1 to {MAX_BLOCKS} blocks"),
             ));
         }
         for (key, types, want) in [
@@ -244,27 +348,6 @@ impl TryFrom<(VaeConfigJson, PathBuf)> for VaeConfig {
                 format!("`{}` is not supported; expected `silu`", raw.act_fn),
             ));
         }
-        let groups = raw.norm_num_groups;
-        if let Some(c) = raw
-            .block_out_channels
-            .iter()
-            .find(|&&c| groups == 0 || c % groups != 0)
-        {
-            return Err(bad(
-                "norm_num_groups",
-                format!("{groups} does not divide the {c} channels of a block"),
-            ));
-        }
-        for (key, v) in [
-            ("in_channels", raw.in_channels),
-            ("out_channels", raw.out_channels),
-            ("latent_channels", raw.latent_channels),
-            ("layers_per_block", raw.layers_per_block),
-        ] {
-            if v == 0 {
-                return Err(bad(key, "is 0, expected a positive number".into()));
-            }
-        }
         let sample_size = match &raw.sample_size {
             OneOrMany::One(s) => *s,
             OneOrMany::Many(v) => *v.first().ok_or_else(|| {
@@ -274,41 +357,18 @@ impl TryFrom<(VaeConfigJson, PathBuf)> for VaeConfig {
                 )
             })?,
         };
-        if !(raw.scaling_factor.is_finite() && raw.scaling_factor > 0.0) {
-            return Err(bad(
-                "scaling_factor",
-                format!("{} is not a positive number", raw.scaling_factor),
-            ));
-        }
         let latent_normalization = match (&raw.latents_mean, &raw.latents_std) {
-            (Some(mean), Some(std)) => {
-                for (key, v) in [("latents_mean", mean), ("latents_std", std)] {
-                    if v.len() != raw.latent_channels {
-                        return Err(bad(
-                            key,
-                            format!(
-                                "has {} entries, expected one per latent channel ({})",
-                                v.len(),
-                                raw.latent_channels
-                            ),
-                        ));
-                    }
-                }
-                if std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-                    return Err(bad("latents_std", "expected positive values".into()));
-                }
-                LatentNormalization::PerChannel {
-                    scaling_factor: raw.scaling_factor,
-                    mean: mean.clone(),
-                    std: std.clone(),
-                }
-            }
+            (Some(mean), Some(std)) => LatentNormalization::PerChannel {
+                scaling_factor: raw.scaling_factor,
+                mean: mean.clone(),
+                std: std.clone(),
+            },
             _ => LatentNormalization::Scale {
                 scaling_factor: raw.scaling_factor,
                 shift_factor: raw.shift_factor,
             },
         };
-        Ok(Self {
+        let config = Self {
             in_channels: raw.in_channels,
             out_channels: raw.out_channels,
             block_out_channels: raw.block_out_channels,
@@ -324,6 +384,8 @@ impl TryFrom<(VaeConfigJson, PathBuf)> for VaeConfig {
             use_post_quant_conv: raw.use_post_quant_conv,
             mid_block_add_attention: raw.mid_block_add_attention,
             path,
-        })
+        };
+        config.validate()?;
+        Ok(config)
     }
 }

@@ -20,7 +20,7 @@ impl DiagonalGaussian {
     /// log-variance (second half, clamped). # Shapes: moments [B, 2C, h, w].
     pub fn from_moments(moments: &Tensor) -> Result<Self> {
         let c2 = moments.dim(1)?;
-        if c2 % 2 != 0 || moments.dims().len() != 4 {
+        if !c2.is_multiple_of(2) || moments.dims().len() != 4 {
             return Err(Error::invalid_argument(
                 "moments",
                 format!("shape {:?}", moments.dims()),

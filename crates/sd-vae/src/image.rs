@@ -5,11 +5,28 @@
 use candle_core::{DType, Device, Tensor};
 use sd_core::{Error, Result};
 
-/// Float images in [-1, 1] to bytes, as diffusers' `postprocess`: `(x * 0.5 + 0.5).clamp(0, 1)`,
-/// then `* 255` and round half to even (numpy's `round`), in f32 arithmetic.
+/// Float images in [-1, 1] to bytes, as diffusers' `postprocess`: [`denormalize`], then
+/// [`to_bytes`] (`* 255` and round half to even, numpy's `round`), in f32 arithmetic.
 ///
 /// # Shapes: image [B, C, H, W] (any float dtype) -> u8 [B, H, W, C] (channels last, as PIL).
 pub fn postprocess(image: &Tensor) -> Result<Tensor> {
+    to_bytes(&denormalize(image)?)
+}
+
+/// diffusers' `VaeImageProcessor.denormalize`: `(x * 0.5 + 0.5).clamp(0, 1)` in f32 (each
+/// operation rounded as torch rounds it). The pipelines return images in this range.
+///
+/// # Shapes: image [B, C, H, W] (any float dtype) -> [B, C, H, W] f32 in [0, 1].
+pub fn denormalize(image: &Tensor) -> Result<Tensor> {
+    let x = image.to_dtype(DType::F32)?;
+    Ok(x.affine(0.5, 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// Images in [0, 1] to bytes, as diffusers' `numpy_to_pil`: `(x * 255).round()` (half to even)
+/// after clamping to [0, 1]; NaN becomes 0, as numpy's cast does on x86.
+///
+/// # Shapes: image [B, C, H, W] (any float dtype) -> u8 [B, H, W, C] (channels last, as PIL).
+pub fn to_bytes(image: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = image.dims4().map_err(|_| {
         Error::invalid_argument(
             "image",
@@ -22,14 +39,13 @@ pub fn postprocess(image: &Tensor) -> Result<Tensor> {
         .permute((0, 2, 3, 1))?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let bytes: Vec<u8> = hwc.into_iter().map(to_byte).collect();
+    let bytes: Vec<u8> = hwc.into_iter().map(unit_to_byte).collect();
     Ok(Tensor::from_vec(bytes, (b, h, w, c), image.device())?)
 }
 
-/// One value of [`postprocess`] (NaN becomes 0, as numpy's cast does on x86).
-fn to_byte(x: f32) -> u8 {
-    let v = (x * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0;
-    v.round_ties_even() as u8
+/// One value of [`to_bytes`].
+fn unit_to_byte(x: f32) -> u8 {
+    (x.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8
 }
 
 /// Bytes to float images in [-1, 1], as diffusers' `preprocess` of a PIL image:
@@ -78,9 +94,22 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
-/// [`postprocess`] into one [`RgbImage`] per batch entry. # Shapes: image [B, 3, H, W].
+/// [`postprocess`] into one [`RgbImage`] per batch entry. # Shapes: image [B, 3, H, W] in
+/// [-1, 1].
 pub fn to_rgb_images(image: &Tensor) -> Result<Vec<RgbImage>> {
-    let (b, c, h, w) = image.dims4()?;
+    check_rgb(image)?;
+    rgb_images(&postprocess(image)?)
+}
+
+/// [`to_bytes`] into one [`RgbImage`] per batch entry, for images already in [0, 1] (what the
+/// pipelines return). # Shapes: image [B, 3, H, W] in [0, 1].
+pub fn unit_to_rgb_images(image: &Tensor) -> Result<Vec<RgbImage>> {
+    check_rgb(image)?;
+    rgb_images(&to_bytes(image)?)
+}
+
+fn check_rgb(image: &Tensor) -> Result<()> {
+    let c = image.dims4()?.1;
     if c != 3 {
         return Err(Error::invalid_argument(
             "image",
@@ -88,7 +117,13 @@ pub fn to_rgb_images(image: &Tensor) -> Result<Vec<RgbImage>> {
             "3 (RGB) channels",
         ));
     }
-    let bytes = postprocess(image)?.flatten_all()?.to_vec1::<u8>()?;
+    Ok(())
+}
+
+/// Splits u8 `[B, H, W, 3]` into images.
+fn rgb_images(bytes: &Tensor) -> Result<Vec<RgbImage>> {
+    let (b, h, w, _) = bytes.dims4()?;
+    let bytes = bytes.flatten_all()?.to_vec1::<u8>()?;
     let n = h * w * 3;
     Ok((0..b)
         .map(|i| RgbImage {

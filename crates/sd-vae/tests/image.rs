@@ -59,3 +59,35 @@ fn rgb_round_trip() {
     let bad = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
     assert!(to_rgb_images(&bad).is_err());
 }
+
+/// The pipelines return `denormalize`d images in [0, 1] and the CLI writes them with
+/// `unit_to_rgb_images`: the two halves of `postprocess`, so the same bytes as diffusers.
+#[test]
+fn denormalize_then_bytes_is_postprocess() {
+    use sd_vae::image::{denormalize, unit_to_rgb_images};
+    let ins = inputs();
+    let x = &ins["postprocess_in"]; // [1, 3, 1, 502]
+    let unit = denormalize(x).expect("denormalize");
+    let (min, max) = (
+        unit.min_all().unwrap().to_scalar::<f32>().unwrap(),
+        unit.max_all().unwrap().to_scalar::<f32>().unwrap(),
+    );
+    assert!((0.0..=1.0).contains(&min) && (0.0..=1.0).contains(&max));
+    let want: Vec<u8> = ins["postprocess_out"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    let got = sd_vae::image::to_bytes(&unit)
+        .expect("bytes")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    assert_eq!(got, want, "exact diffusers bytes through the two-step path");
+    let imgs = unit_to_rgb_images(&unit).expect("rgb");
+    assert_eq!(imgs[0].data, want);
+}
