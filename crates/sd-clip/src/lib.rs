@@ -4,6 +4,8 @@
 //!   and chunked long-prompt encoding.
 //! - [`ClipTextModel`]: transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`.
 //! - [`PromptEncoder`]: what each diffusers pipeline's `encode_prompt` feeds the UNet.
+//! - [`prompt_syntax`]: AUTOMATIC1111's prompt parser (weights, `BREAK`, editing, alternation,
+//!   `<lora:...>` tags).
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
@@ -11,6 +13,7 @@ pub mod config;
 pub mod model;
 pub mod ops;
 pub mod prompt;
+pub mod prompt_syntax;
 pub mod tokenizer;
 
 pub use config::{Activation, ClipTextConfig, ClipTextConfigJson, EosPooling};
