@@ -230,7 +230,7 @@ impl ClipTextConfig {
                 return Err(err(key, "is 0, expected a positive number".to_owned()));
             }
         }
-        if json.hidden_size % json.num_attention_heads != 0 {
+        if !json.hidden_size.is_multiple_of(json.num_attention_heads) {
             return Err(err(
                 "num_attention_heads",
                 format!(

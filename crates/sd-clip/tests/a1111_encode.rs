@@ -107,7 +107,7 @@ fn weights_scale_hidden_states_and_restore_the_mean() {
                 let d1 = text_encoder.config().hidden_size;
                 vec![0..d1, d1..z[0].len()]
             }
-            _ => vec![0..z[0].len()],
+            _ => std::iter::once(0..z[0].len()).collect(),
         };
         let mut max_err = 0f64;
         let mut max_val = 0f64;

@@ -130,7 +130,7 @@ impl TorchGenerator {
         for start in (0..n - 15).step_by(16) {
             box_muller_16(&mut data[start..start + 16]);
         }
-        if n % 16 != 0 {
+        if !n.is_multiple_of(16) {
             let tail = n - 16;
             for v in &mut data[tail..] {
                 *v = self.uniform_f32();

@@ -181,7 +181,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` `[channels]` under `vb`; `channels` must divide into `num_groups`.
     pub fn load(vb: &VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || channels % num_groups != 0 {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(sd_core::Error::invalid_argument(
                 format!("{} (norm_num_groups)", vb.path("")),
                 num_groups,

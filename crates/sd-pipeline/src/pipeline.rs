@@ -809,7 +809,7 @@ fn expand_batch(name: &str, t: &Tensor, batch: usize) -> Result<Tensor> {
     let b = t.dim(0)?;
     if b == batch {
         Ok(t.clone())
-    } else if b > 0 && batch % b == 0 {
+    } else if b > 0 && batch.is_multiple_of(b) {
         Ok(Tensor::cat(&vec![t.clone(); batch / b], 0)?)
     } else {
         Err(Error::invalid_argument(

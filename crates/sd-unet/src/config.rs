@@ -277,7 +277,7 @@ impl UNetConfigFile {
         let upcast = self.upcast_attention.unwrap_or(false);
         let transformer = |i: usize, channels: usize| -> Result<TransformerConfig> {
             let h = heads[i];
-            if h == 0 || channels % h != 0 {
+            if h == 0 || !channels.is_multiple_of(h) {
                 return Err(err(
                     "attention_head_dim",
                     format!(
