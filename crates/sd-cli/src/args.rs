@@ -49,6 +49,15 @@ pub enum DTypeArg {
     Bf16,
 }
 
+/// Prompt syntax.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PromptSyntaxArg {
+    /// AUTOMATIC1111's prompt syntax.
+    A1111,
+    /// diffusers: the text as written.
+    Plain,
+}
+
 /// Options shared by txt2img and img2img.
 #[derive(Debug, Args)]
 pub struct Common {
@@ -69,10 +78,31 @@ pub struct Common {
     /// Classifier-free guidance scale (guidance is off at 1 or below).
     #[arg(long)]
     pub guidance: Option<f64>,
-    /// Scheduler: a diffusers class name or ddpm, ddim, pndm, euler, euler-a, dpm++2m,
-    /// dpm++2m-karras, heun, lms. Default: the model's own.
-    #[arg(long)]
+    /// Sampler: an AUTOMATIC1111 name ("Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras",
+    /// "DDIM", "PLMS", "LMS", "Heun"), a short name (ddpm, ddim, pndm, euler, euler-a, dpm++2m,
+    /// dpm++2m-karras, heun, lms) or a diffusers class name. Default: the model's own.
+    #[arg(long, visible_alias = "sampler")]
     pub scheduler: Option<String>,
+    /// AUTOMATIC1111's separate schedule type: Automatic (the sampler's own) or Karras (Karras
+    /// sigmas; sd-rs has them for DPM++ 2M).
+    #[arg(long)]
+    pub schedule_type: Option<String>,
+    /// How the prompts are read. a1111: AUTOMATIC1111's syntax, (word:1.3) weights, (word) and
+    /// [word], BREAK, no 77-token limit (75-token chunks); <lora:NAME:W> tags are taken out and
+    /// not applied yet; [from:to:when], [a|b] and AND are refused. plain: diffusers, the text as
+    /// written, truncated at 77 tokens with a warning.
+    #[arg(long, value_enum, default_value_t = PromptSyntaxArg::A1111)]
+    pub prompt_syntax: PromptSyntaxArg,
+    /// AUTOMATIC1111's "Clip skip": 1 uses the text encoder's last layer, 2 the penultimate, ...
+    /// It is diffusers' clip_skip plus one (diffusers counts the layers skipped). SDXL already
+    /// uses the penultimate layer at 1; AUTOMATIC1111 ignores this setting for SDXL by default,
+    /// sd-rs applies it as diffusers does (2 = one layer further back).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub clip_skip: Option<u32>,
+    /// Rescale the guided prediction towards the text prediction's standard deviation
+    /// (diffusers' guidance_rescale, 0 = off, 0.7 suggested for v-prediction models).
+    #[arg(long)]
+    pub guidance_rescale: Option<f64>,
     /// Image width in pixels (multiple of 8). Default: the model's native size.
     #[arg(long)]
     pub width: Option<usize>,

@@ -15,10 +15,10 @@ use sd_pipeline::core::candle_core::{DType, Device, Tensor};
 use sd_pipeline::core::{LoadOptions, TorchGenerator};
 use sd_pipeline::hub::{resolve_model, HubConfig};
 use sd_pipeline::{
-    Flow, GenerateRequest, Init, OutputType, SchedulerKind, StableDiffusion, StepInfo,
+    Flow, GenerateRequest, Init, OutputType, PromptSyntax, SchedulerKind, StableDiffusion, StepInfo,
 };
 
-use args::{Cli, Command, Common, DTypeArg};
+use args::{Cli, Command, Common, DTypeArg, PromptSyntaxArg};
 
 /// Prints the library's warnings (dropped prompt tokens, variant fallback, unknown config keys)
 /// to stderr; `SD_LOG=debug` shows more.
@@ -111,11 +111,20 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         ),
         None => (demo::path()?, "sd-rs demo".to_owned(), true),
     };
-    let scheduler = c
-        .scheduler
-        .as_deref()
-        .map(SchedulerKind::parse)
-        .transpose()?;
+    let scheduler = match (&c.scheduler, &c.schedule_type) {
+        (Some(name), t) => Some(SchedulerKind::from_a1111(name, t.as_deref())?),
+        (None, Some(t)) => {
+            let own = model_scheduler(&model_dir)?;
+            Some(SchedulerKind::from_a1111(own.short_name(), Some(t))?)
+        }
+        (None, None) => None,
+    };
+    let clip_skip = c.clip_skip.map(|n| n as usize - 1).filter(|&k| k > 0);
+    if let Some(f) = c.guidance_rescale {
+        if !(f.is_finite() && f >= 0.0) {
+            bail!("--guidance-rescale {f}: expected a number >= 0 (0 = off)");
+        }
+    }
     if c.num_images == 0 || c.num_images > sd_pipeline::MAX_BATCH {
         bail!(
             "--num-images {}: expected 1 to {}",
@@ -142,6 +151,20 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     req.steps = c.steps.unwrap_or(defaults.steps);
     req.guidance_scale = c.guidance.unwrap_or(defaults.guidance);
     req.scheduler = scheduler;
+    req.prompt_syntax = match c.prompt_syntax {
+        PromptSyntaxArg::A1111 => PromptSyntax::A1111,
+        PromptSyntaxArg::Plain => PromptSyntax::Plain,
+    };
+    req.clip_skip = clip_skip;
+    req.guidance_rescale = c.guidance_rescale.unwrap_or(0.0);
+    if clip_skip.is_some() && sd.family != sd_pipeline::ModelFamily::Sd {
+        log::warn!(
+            "--clip-skip {} on SDXL: AUTOMATIC1111 ignores Clip skip for SDXL by default; sd-rs \
+             goes {} layer(s) further back than SDXL's penultimate layer, as diffusers does",
+            c.clip_skip.unwrap_or(1),
+            clip_skip.unwrap_or(0)
+        );
+    }
     req.height = c.height;
     req.width = c.width;
     req.num_images_per_prompt = c.num_images;
@@ -225,14 +248,30 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     let images = sd_pipeline::image::to_rgb8(images)?;
     let first = images.first().context("the pipeline returned no images")?;
     let (h, w) = (first.height(), first.width());
+    let (sampler, schedule_type) = match scheduler {
+        Some(k) => k,
+        None => model_scheduler(&model_dir)?,
+    }
+    .a1111_name();
     let mut params = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, ",
         c.prompt,
         c.negative_prompt.as_deref().unwrap_or(""),
         req.steps,
-        c.scheduler.as_deref().unwrap_or("default"),
-        req.guidance_scale,
     );
+    if let Some(t) = schedule_type {
+        params.push_str(&format!("Schedule type: {t}, "));
+    }
+    params.push_str(&format!(
+        "CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
+        req.guidance_scale
+    ));
+    if let Some(n) = c.clip_skip.filter(|&n| n > 1) {
+        params.push_str(&format!(", Clip skip: {n}"));
+    }
+    if req.guidance_rescale > 0.0 {
+        params.push_str(&format!(", Guidance rescale: {}", req.guidance_rescale));
+    }
     if let Some((_, strength)) = img2img {
         params.push_str(&format!(", Denoising strength: {strength}"));
     }
@@ -244,6 +283,14 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// The scheduler the model folder ships (`scheduler/scheduler_config.json`).
+fn model_scheduler(model_dir: &Path) -> Result<SchedulerKind> {
+    let path = model_dir.join("scheduler").join("scheduler_config.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(sd_pipeline::schedulers::resolve_config_json(&text, &path, None)?.kind)
 }
 
 /// diffusers' call defaults: 50 steps; guidance 7.5 (SD) or 5.0 (SDXL).

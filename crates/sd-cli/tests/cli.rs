@@ -108,6 +108,8 @@ fn txt2img_matches_diffusers_and_records_parameters() {
         text.contains("Steps: 5") && text.contains("Seed: 42") && text.contains("Size: 64x64"),
         "{text}"
     );
+    // the fixture's own PNDMScheduler, by AUTOMATIC1111's name
+    assert!(text.contains("Sampler: PLMS, CFG scale: 7.5"), "{text}");
 
     // The saved latents equal diffusers' output_type="latent".
     let bytes = std::fs::read(&lat).unwrap();
@@ -235,6 +237,85 @@ fn bad_arguments_fail_cleanly() {
     ]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("warp-drive"));
+}
+
+#[test]
+fn a1111_prompts_samplers_and_clip_skip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("a.png");
+    let sd1_path = sd1();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "txt2img",
+            "--model",
+            &sd1_path,
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--overwrite",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        sd(&args)
+    };
+    let o = run(&[
+        "--prompt",
+        "a (red:1.3) circle, [white] background <lora:detail:0.6> BREAK sharp",
+        "--sampler",
+        "DPM++ 2M",
+        "--schedule-type",
+        "Karras",
+        "--clip-skip",
+        "2",
+        "--guidance-rescale",
+        "0.7",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("<lora:detail:0.6> ignored"), "{err}");
+    let (_, _, _, text) = read_png(&out);
+    assert!(
+        text.contains("Sampler: DPM++ 2M, Schedule type: Karras, CFG scale:")
+            && text.contains("Clip skip: 2")
+            && text.contains("Guidance rescale: 0.7"),
+        "{text}"
+    );
+
+    let o = run(&["--prompt", "x", "--sampler", "Euler a"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(read_png(&out).3.contains("Sampler: Euler a, CFG"));
+
+    // an unknown sampler lists the known ones
+    let o = run(&["--prompt", "x", "--sampler", "DPM++ SDE Karras"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("DPM++ SDE Karras") && err.contains("`Euler a`"),
+        "{err}"
+    );
+
+    // prompt editing needs per-step conditioning: refused clearly, plain syntax takes it as text
+    let o = run(&["--prompt", "a [cat:dog:1] here"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("prompt editing") && err.contains("[cat:dog:1]"),
+        "{err}"
+    );
+    let o = run(&[
+        "--prompt",
+        "a [cat:dog:1] AND here",
+        "--prompt-syntax",
+        "plain",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["--prompt", "a cat AND a dog"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("AND"));
+    let o = run(&["--prompt", "x", "--clip-skip", "0"]);
+    assert!(!o.status.success());
 }
 
 fn max_u8_diff(png: &Path, case: &str) -> f32 {

@@ -13,10 +13,10 @@ use crate::model::{ClipTextModel, ClipTextOutput};
 use crate::tokenizer::ClipTokenizer;
 
 /// One tokenizer/encoder pair and the prompts it encodes.
-struct Stage<'a> {
-    tokenizer: &'a ClipTokenizer,
-    model: &'a ClipTextModel,
-    prompts: &'a [String],
+pub(crate) struct Stage<'a> {
+    pub(crate) tokenizer: &'a ClipTokenizer,
+    pub(crate) model: &'a ClipTextModel,
+    pub(crate) prompts: &'a [String],
 }
 
 /// What a pipeline feeds the UNet for a batch of prompts.
@@ -264,7 +264,7 @@ impl PromptEncoder {
     }
 
     /// The (tokenizer, encoder, prompts) stages of the family, in the pipeline's order.
-    fn stages<'a>(
+    pub(crate) fn stages<'a>(
         &'a self,
         prompts: &'a [String],
         prompts_2: Option<&'a [String]>,
@@ -335,31 +335,43 @@ impl PromptEncoder {
         let mut pooled = None;
         for (model, ids) in batches {
             let ids = Tensor::new(ids.clone(), model.device())?;
-            let out = model.forward(&ids)?;
-            let h = match self {
-                Self::Sd { .. } => sd_hidden(model, &out, clip_skip)?,
-                _ => xl_hidden(&out, clip_skip)?,
-            };
-            if out.text_embeds.is_some() && !matches!(self, Self::Sd { .. }) {
-                pooled = out.text_embeds;
-            }
+            let (h, p) = self.select(model, &model.forward(&ids)?, clip_skip)?;
+            pooled = p.or(pooled);
             hiddens.push(h);
         }
-        // the pipelines cast the concatenation to the last encoder's dtype and device
         let last = batches
             .last()
-            .map(|(m, _)| m)
+            .map(|(m, _)| *m)
             .ok_or_else(|| Error::invalid_argument("encoders", "none", "at least one"))?;
+        Ok((Self::concat_features(hiddens, last)?, pooled))
+    }
+
+    /// The hidden states the family's pipeline takes from one encoder's output (see
+    /// [`PromptEncoder::encode`] for `clip_skip`), and its pooled `text_embeds` (SDXL, refiner).
+    pub(crate) fn select(
+        &self,
+        model: &ClipTextModel,
+        out: &ClipTextOutput,
+        clip_skip: Option<usize>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Self::Sd { .. } => Ok((sd_hidden(model, out, clip_skip)?, None)),
+            _ => Ok((xl_hidden(out, clip_skip)?, out.text_embeds.clone())),
+        }
+    }
+
+    /// The encoders' hidden states concatenated on the feature axis, cast to the last encoder's
+    /// dtype and device as the pipelines do.
+    pub(crate) fn concat_features(hiddens: Vec<Tensor>, last: &ClipTextModel) -> Result<Tensor> {
         let hiddens = hiddens
             .iter()
             .map(|h| h.to_device(last.device())?.to_dtype(last.dtype()))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let hidden = if hiddens.len() == 1 {
+        Ok(if hiddens.len() == 1 {
             hiddens[0].clone()
         } else {
             Tensor::cat(&hiddens, D::Minus1)?
-        };
-        Ok((hidden, pooled))
+        })
     }
 }
 

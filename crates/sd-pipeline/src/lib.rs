@@ -30,8 +30,8 @@ pub mod request;
 pub use model_index::{ModelFamily, ModelIndex};
 pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
 pub use request::{
-    Flow, GenerateRequest, Init, MicroConditioning, OutputType, PromptEmbeds, SchedulerKind,
-    StepInfo, MAX_BATCH,
+    Flow, GenerateRequest, Init, MicroConditioning, OutputType, PromptEmbeds, PromptSyntax,
+    SchedulerKind, StepInfo, MAX_BATCH,
 };
 
 pub use sd_clip as clip;

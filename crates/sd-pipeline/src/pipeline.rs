@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
-use sd_clip::{ClipTextModel, ClipTokenizer, PromptEncoder};
+use sd_clip::prompt_syntax::{prompt_schedule, A1111Prompt, ScheduledPrompt};
+use sd_clip::{ClipTextModel, ClipTokenizer, PromptEncoder, PromptSyntax};
 use sd_core::{Error, LoadOptions, NoiseSource, Result};
 use sd_schedulers::{Scheduler, SchedulerKind};
 use sd_unet::{AddedCond, UNet2DConditionModel};
@@ -255,15 +256,19 @@ impl StableDiffusion {
                         "at least one prompt",
                     ));
                 }
-                let p = self.text.encode(&req.prompts, req.clip_skip)?;
-                let (neg, neg_pooled) = if cfg {
-                    let (n, np) =
-                        self.negatives(req, req.prompts.len(), &p.hidden, p.pooled.as_ref())?;
-                    (Some(n), np)
+                if req.prompt_syntax == PromptSyntax::A1111 {
+                    self.encode_a1111(req, cfg)?
                 } else {
-                    (None, None)
-                };
-                (p.hidden, p.pooled, neg, neg_pooled, p.dropped_tokens)
+                    let p = self.text.encode(&req.prompts, req.clip_skip)?;
+                    let (neg, neg_pooled) = if cfg {
+                        let (n, np) =
+                            self.negatives(req, req.prompts.len(), &p.hidden, p.pooled.as_ref())?;
+                        (Some(n), np)
+                    } else {
+                        (None, None)
+                    };
+                    (p.hidden, p.pooled, neg, neg_pooled, p.dropped_tokens)
+                }
             }
         };
         for (i, d) in dropped.iter().enumerate() {
@@ -332,20 +337,65 @@ impl StableDiffusion {
                 like_pooled.map(Tensor::zeros_like).transpose()?,
             ));
         }
-        let negs: Vec<String> = match req.negative_prompts.len() {
-            0 => vec![String::new(); b],
-            1 => vec![req.negative_prompts[0].clone(); b],
-            k if k == b => req.negative_prompts.clone(),
-            k => {
-                return Err(Error::invalid_argument(
-                    "negative_prompts",
-                    format!("{k} prompts"),
-                    format!("0, 1 or {b} (one per prompt)"),
-                ))
-            }
-        };
-        let c = self.text.encode(&negs, None)?;
+        let c = self.text.encode(&negative_texts(req, b)?, None)?;
         Ok((c.hidden, c.pooled))
+    }
+
+    /// Step 1 with [`PromptSyntax::A1111`], as AUTOMATIC1111 conditions: `<lora:...>` tags taken
+    /// out of the prompts (logged: not applied yet), `AND` refused; prompts and negative prompts
+    /// encoded in one batch so that they get the same number of 77-token chunks; `clip_skip`
+    /// applies to both; SDXL without a negative prompt still gets zeros when the model asks for
+    /// them (A1111 does the same).
+    #[allow(clippy::type_complexity)]
+    fn encode_a1111(
+        &self,
+        req: &GenerateRequest,
+        cfg: bool,
+    ) -> Result<(
+        Tensor,
+        Option<Tensor>,
+        Option<Tensor>,
+        Option<Tensor>,
+        Vec<usize>,
+    )> {
+        let b = req.prompts.len();
+        let mut texts = Vec::with_capacity(2 * b);
+        for p in &req.prompts {
+            let parsed = A1111Prompt::parse(p, req.steps)?;
+            for t in &parsed.extra_networks {
+                log::warn!(
+                    "<{}:{}> ignored: sd-rs does not load LoRAs or other extra networks yet",
+                    t.kind,
+                    t.args.join(":")
+                );
+            }
+            texts.push(fixed_prompt(&parsed.schedule, p)?);
+        }
+        let zero_negatives = self.family != ModelFamily::Sd
+            && req.negative_prompts.is_empty()
+            && self.index.force_zeros_for_empty_prompt;
+        if cfg && !zero_negatives {
+            // A1111 reads negative prompts with editing but neither AND nor extra networks
+            for n in negative_texts(req, b)? {
+                texts.push(fixed_prompt(&prompt_schedule(&n, req.steps)?, &n)?);
+            }
+        }
+        let c = self.text.encode_a1111(&texts, req.clip_skip)?;
+        let rows = |t: &Tensor, from: usize| t.narrow(0, from, b);
+        let pos = rows(&c.hidden, 0)?;
+        let pos_pooled = c.pooled.as_ref().map(|p| rows(p, 0)).transpose()?;
+        let (neg, neg_pooled) = match (cfg, zero_negatives) {
+            (false, _) => (None, None),
+            (true, true) => (
+                Some(pos.zeros_like()?),
+                pos_pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+            ),
+            (true, false) => (
+                Some(rows(&c.hidden, b)?),
+                c.pooled.as_ref().map(|p| rows(p, b)).transpose()?,
+            ),
+        };
+        Ok((pos, pos_pooled, neg, neg_pooled, vec![0; b]))
     }
 
     /// The image size of a request, validated (multiples of the VAE factor) with UNet defaults.
@@ -675,6 +725,35 @@ impl StableDiffusion {
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let image = self.vae.image_from_latents(latents)?;
         sd_vae::image::denormalize(&image)
+    }
+}
+
+/// The negative prompts for `b` prompts: none gives `""`, one is used for every prompt.
+fn negative_texts(req: &GenerateRequest, b: usize) -> Result<Vec<String>> {
+    Ok(match req.negative_prompts.len() {
+        0 => vec![String::new(); b],
+        1 => vec![req.negative_prompts[0].clone(); b],
+        k if k == b => req.negative_prompts.clone(),
+        k => {
+            return Err(Error::invalid_argument(
+                "negative_prompts",
+                format!("{k} prompts"),
+                format!("0, 1 or {b} (one per prompt)"),
+            ))
+        }
+    })
+}
+
+/// The one prompt of a schedule; prompt editing and alternation need conditioning that changes
+/// during sampling, which the pipeline does not do yet.
+fn fixed_prompt(schedule: &[ScheduledPrompt], prompt: &str) -> Result<String> {
+    match schedule {
+        [one] => Ok(one.prompt.clone()),
+        _ => Err(Error::unsupported(format!(
+            "prompt editing or alternation ([from:to:when], [a|b]) in {prompt:?}: the pipeline \
+             cannot change the conditioning during sampling yet; escape the brackets (\\[ \\]) \
+             or use --prompt-syntax plain"
+        ))),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+pub use sd_clip::PromptSyntax;
 pub use sd_schedulers::SchedulerKind;
 
 /// Where the denoising starts.
@@ -104,6 +105,10 @@ pub struct GenerateRequest {
     pub negative_prompts: Vec<String>,
     /// Precomputed embeddings instead of prompts.
     pub prompt_embeds: Option<PromptEmbeds>,
+    /// How the prompts are read: diffusers' plain text (the default) or AUTOMATIC1111's syntax
+    /// (weights, `BREAK`, long prompts in 75-token chunks; `<lora:...>` tags are taken out and
+    /// logged as not applied; prompt editing, alternation and `AND` are refused).
+    pub prompt_syntax: PromptSyntax,
     /// Number of denoising steps of the full schedule.
     pub steps: usize,
     /// Classifier-free guidance scale; guidance is skipped when ≤ 1.
@@ -138,6 +143,7 @@ impl GenerateRequest {
             prompts: vec![prompt.into()],
             negative_prompts: vec![],
             prompt_embeds: None,
+            prompt_syntax: PromptSyntax::Plain,
             steps: 50,
             guidance_scale: 7.5,
             guidance_rescale: 0.0,

@@ -57,25 +57,114 @@ const NAMES: &[(&str, &str, SchedulerKind)] = &[
     ("LMSDiscreteScheduler", "lms", SchedulerKind::Lms),
 ];
 
+/// AUTOMATIC1111's sampler names (webui v1.6-v1.10) for the kinds sd-rs has. Newer webuis write
+/// the Karras variant as `DPM++ 2M` with `Schedule type: Karras`.
+const A1111_NAMES: &[(&str, SchedulerKind)] = &[
+    ("Euler a", SchedulerKind::EulerAncestral),
+    ("Euler", SchedulerKind::Euler),
+    (
+        "DPM++ 2M",
+        SchedulerKind::DpmSolverMultistep { karras: false },
+    ),
+    (
+        "DPM++ 2M Karras",
+        SchedulerKind::DpmSolverMultistep { karras: true },
+    ),
+    ("DDIM", SchedulerKind::Ddim),
+    // A1111's PLMS is diffusers' PNDM without its Runge-Kutta warm-up (`skip_prk_steps`)
+    ("PLMS", SchedulerKind::Pndm),
+    ("LMS", SchedulerKind::Lms),
+    ("Heun", SchedulerKind::Heun),
+];
+
+/// A1111 schedule types (`--schedule-type`) sd-rs can honour.
+const SCHEDULE_TYPES: &[&str] = &["Automatic", "Karras"];
+
 impl SchedulerKind {
-    /// Parses a diffusers class name (`EulerDiscreteScheduler`) or a short name (`ddpm`, `ddim`,
-    /// `pndm`, `euler`, `euler-a`, `dpm++2m`, `dpm++2m-karras`, `heun`, `lms`).
+    /// Parses a diffusers class name (`EulerDiscreteScheduler`), a short name (`ddpm`, `ddim`,
+    /// `pndm`, `euler`, `euler-a`, `dpm++2m`, `dpm++2m-karras`, `heun`, `lms`) or an
+    /// AUTOMATIC1111 sampler name (`Euler a`, `DPM++ 2M Karras`, `PLMS`, ...; any case). An
+    /// unknown name is an error listing every accepted one.
     pub fn parse(name: &str) -> Result<Self> {
-        NAMES
+        Self::from_a1111(name, None)
+    }
+
+    /// [`SchedulerKind::parse`] with A1111's separate schedule type (`Automatic`: the sampler's
+    /// own; `Karras`: Karras sigmas, which sd-rs has for DPM++ 2M).
+    pub fn from_a1111(name: &str, schedule_type: Option<&str>) -> Result<Self> {
+        let trimmed = name.trim();
+        let kind = NAMES
             .iter()
-            .find(|(class, short, _)| *class == name || *short == name)
+            .find(|(class, short, _)| *class == trimmed || short.eq_ignore_ascii_case(trimmed))
             .map(|(_, _, k)| *k)
+            .or_else(|| {
+                A1111_NAMES
+                    .iter()
+                    .find(|(a, _)| a.eq_ignore_ascii_case(trimmed))
+                    .map(|(_, k)| *k)
+            })
             .ok_or_else(|| {
                 let shorts: Vec<&str> = NAMES.iter().map(|(_, s, _)| *s).collect();
+                let a1111: Vec<String> =
+                    A1111_NAMES.iter().map(|(a, _)| format!("`{a}`")).collect();
                 Error::invalid_argument(
                     "scheduler",
                     name,
                     format!(
-                        "a diffusers scheduler class name or one of {}",
-                        shorts.join(", ")
+                        "one of {}, an AUTOMATIC1111 sampler name ({}) or a diffusers class name \
+                         ({})",
+                        shorts.join(", "),
+                        a1111.join(", "),
+                        NAMES
+                            .iter()
+                            .map(|(c, _, _)| *c)
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .into_iter()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 )
-            })
+            })?;
+        match schedule_type.map(str::trim) {
+            None => Ok(kind),
+            Some(t) if t.eq_ignore_ascii_case("automatic") => Ok(kind),
+            Some(t) if t.eq_ignore_ascii_case("karras") => match kind {
+                SchedulerKind::DpmSolverMultistep { .. } => {
+                    Ok(SchedulerKind::DpmSolverMultistep { karras: true })
+                }
+                other => Err(Error::invalid_argument(
+                    "schedule type",
+                    t,
+                    format!(
+                        "Automatic for {}: sd-rs has Karras sigmas only for DPM++ 2M",
+                        other.a1111_name().0
+                    ),
+                )),
+            },
+            Some(t) => Err(Error::invalid_argument(
+                "schedule type",
+                t,
+                format!("one of {}", SCHEDULE_TYPES.join(", ")),
+            )),
+        }
+    }
+
+    /// The name AUTOMATIC1111 writes in `Sampler:`, and its `Schedule type:` when not the
+    /// sampler's default (`("DPM++ 2M", Some("Karras"))`). DDPM, which A1111 does not offer, is
+    /// named `DDPM`.
+    pub fn a1111_name(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            SchedulerKind::DpmSolverMultistep { karras: true } => ("DPM++ 2M", Some("Karras")),
+            SchedulerKind::Ddpm => ("DDPM", None),
+            k => (
+                A1111_NAMES
+                    .iter()
+                    .find(|(_, a)| a == k)
+                    .map(|(n, _)| *n)
+                    .unwrap_or("?"),
+                None,
+            ),
+        }
     }
 
     /// The diffusers class this kind mirrors.
