@@ -417,40 +417,30 @@ unsafe fn epilogue_block<T: Element>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx512<T: Element>(
-            s: &[f32],
-            lds: usize,
-            mc: usize,
-            cols: Range<usize>,
-            b: &PackedB,
-            epi: &Epilogue<'_, T>,
-            c: SendPtr<T>,
-            ldc: usize,
-            m0: usize,
-            tmp: &mut [f32],
-        ) {
-            // SAFETY: forwarded contract.
-            unsafe { epilogue_body(s, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+        /// One `#[target_feature]` copy of the epilogue body per vector width.
+        macro_rules! compiled_for {
+            ($name:ident, $features:literal) => {
+                #[target_feature(enable = $features)]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn $name<T: Element>(
+                    s: &[f32],
+                    lds: usize,
+                    mc: usize,
+                    cols: Range<usize>,
+                    b: &PackedB,
+                    epi: &Epilogue<'_, T>,
+                    c: SendPtr<T>,
+                    ldc: usize,
+                    m0: usize,
+                    tmp: &mut [f32],
+                ) {
+                    // SAFETY: forwarded contract.
+                    unsafe { epilogue_body(s, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+                }
+            };
         }
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2<T: Element>(
-            s: &[f32],
-            lds: usize,
-            mc: usize,
-            cols: Range<usize>,
-            b: &PackedB,
-            epi: &Epilogue<'_, T>,
-            c: SendPtr<T>,
-            ldc: usize,
-            m0: usize,
-            tmp: &mut [f32],
-        ) {
-            // SAFETY: forwarded contract.
-            unsafe { epilogue_body(s, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
-        }
+        compiled_for!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma");
+        compiled_for!(avx2, "avx2,fma");
         match isa {
             // SAFETY: the kernel that produced the block ran natively on this ISA.
             Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
