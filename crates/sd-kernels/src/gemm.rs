@@ -372,21 +372,18 @@ unsafe fn worker<T: Element>(
                 pc += kc;
             }
             // SAFETY: forwarded: this part's rows and columns of C are ours alone.
-            unsafe {
-                epilogue_block(
-                    micro.epilogue_isa,
-                    &scratch,
-                    nc_max,
-                    mc,
-                    c0..c0 + nc,
-                    b,
-                    epi,
-                    c,
-                    ldc,
-                    m0,
-                    &mut tmp,
-                )
+            let block = ScratchBlock {
+                scratch: &scratch,
+                lds: nc_max,
+                mc,
+                cols: c0..c0 + nc,
+                b,
+                epi,
+                c,
+                ldc,
+                m0,
             };
+            unsafe { epilogue_block(micro.epilogue_isa, &block, &mut tmp) };
             c0 += nc;
         }
         m0 += mc;
@@ -397,45 +394,34 @@ unsafe fn worker<T: Element>(
     }
 }
 
+/// A finished f32 accumulator block and where its rows go: scratch rows `0..mc` (stride
+/// `lds`) hold stored columns `cols` of C's rows `m0..m0+mc`.
+struct ScratchBlock<'s, 'e, T> {
+    scratch: &'s [f32],
+    lds: usize,
+    mc: usize,
+    cols: Range<usize>,
+    b: &'s PackedB,
+    epi: &'s Epilogue<'e, T>,
+    c: SendPtr<T>,
+    ldc: usize,
+    m0: usize,
+}
+
 /// The epilogue of a scratch block, compiled for the kernel's vector width.
 ///
 /// # Safety
 /// As [`worker`]: C's rows `m0..m0+mc` at the output columns of `cols` belong to the caller.
-#[allow(clippy::too_many_arguments)]
-unsafe fn epilogue_block<T: Element>(
-    isa: Isa,
-    scratch: &[f32],
-    lds: usize,
-    mc: usize,
-    cols: Range<usize>,
-    b: &PackedB,
-    epi: &Epilogue<'_, T>,
-    c: SendPtr<T>,
-    ldc: usize,
-    m0: usize,
-    tmp: &mut [f32],
-) {
+unsafe fn epilogue_block<T: Element>(isa: Isa, block: &ScratchBlock<'_, '_, T>, tmp: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         /// One `#[target_feature]` copy of the epilogue body per vector width.
         macro_rules! compiled_for {
             ($name:ident, $features:literal) => {
                 #[target_feature(enable = $features)]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn $name<T: Element>(
-                    s: &[f32],
-                    lds: usize,
-                    mc: usize,
-                    cols: Range<usize>,
-                    b: &PackedB,
-                    epi: &Epilogue<'_, T>,
-                    c: SendPtr<T>,
-                    ldc: usize,
-                    m0: usize,
-                    tmp: &mut [f32],
-                ) {
+                unsafe fn $name<T: Element>(block: &ScratchBlock<'_, '_, T>, tmp: &mut [f32]) {
                     // SAFETY: forwarded contract.
-                    unsafe { epilogue_body(s, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+                    unsafe { epilogue_body(block, tmp) }
                 }
             };
         }
@@ -443,33 +429,30 @@ unsafe fn epilogue_block<T: Element>(
         compiled_for!(avx2, "avx2,fma");
         match isa {
             // SAFETY: the kernel that produced the block ran natively on this ISA.
-            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
-                return unsafe { avx512(scratch, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
-            }
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => return unsafe { avx512(block, tmp) },
             // SAFETY: as above.
-            Isa::Avx2 => return unsafe { avx2(scratch, lds, mc, cols, b, epi, c, ldc, m0, tmp) },
+            Isa::Avx2 => return unsafe { avx2(block, tmp) },
             Isa::Generic => {}
         }
     }
     let _ = isa;
     // SAFETY: forwarded contract.
-    unsafe { epilogue_body(scratch, lds, mc, cols, b, epi, c, ldc, m0, tmp) }
+    unsafe { epilogue_body(block, tmp) }
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn epilogue_body<T: Element>(
-    scratch: &[f32],
-    lds: usize,
-    mc: usize,
-    cols: Range<usize>,
-    b: &PackedB,
-    epi: &Epilogue<'_, T>,
-    c: SendPtr<T>,
-    ldc: usize,
-    m0: usize,
-    tmp: &mut [f32],
-) {
+unsafe fn epilogue_body<T: Element>(block: &ScratchBlock<'_, '_, T>, tmp: &mut [f32]) {
+    let ScratchBlock {
+        scratch,
+        lds,
+        mc,
+        ref cols,
+        b,
+        epi,
+        c,
+        ldc,
+        m0,
+    } = *block;
     let n_out = b.out_columns();
     for r in 0..mc {
         let srow = &scratch[r * lds..][..cols.len()];
