@@ -28,6 +28,8 @@ pub enum Activation {
 pub trait Element: crate::PackSource + Send + Sync + 'static {
     /// The operand type.
     const DTYPE: crate::DType;
+    /// Zero (padding of gathered rows).
+    const ZERO: Self;
     /// Widens a slice into f32.
     fn to_f32_slice(src: &[Self], dst: &mut [f32]);
     /// Stores f32 values (rounded to nearest even for bf16).
@@ -36,6 +38,7 @@ pub trait Element: crate::PackSource + Send + Sync + 'static {
 
 impl Element for f32 {
     const DTYPE: crate::DType = crate::DType::F32;
+    const ZERO: f32 = 0.0;
     fn to_f32_slice(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
@@ -46,6 +49,7 @@ impl Element for f32 {
 
 impl Element for half::bf16 {
     const DTYPE: crate::DType = crate::DType::Bf16;
+    const ZERO: half::bf16 = half::bf16::ZERO;
     fn to_f32_slice(src: &[half::bf16], dst: &mut [f32]) {
         convert::bf16_to_f32(src, dst);
     }

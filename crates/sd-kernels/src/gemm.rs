@@ -98,6 +98,38 @@ pub fn gemm_with<T: Element>(
     ldc: usize,
     epi: &Epilogue<'_, T>,
 ) -> Result<(), KernelError> {
+    need(a.data.len(), a.rows, a.stride, b.k, "A")?;
+    gemm_rows(opts, &a, b, c, ldc, epi)
+}
+
+/// The rows of the left-hand matrix as the packing reads them, one row of K at a time: a
+/// strided matrix ([`AMatrix`]) or rows gathered on the fly (the implicit-GEMM convolution).
+pub(crate) trait ARows<T>: Sync {
+    /// M.
+    fn rows(&self) -> usize;
+    /// Row `m` (`m < rows`): `buf.len()` (= K) elements, borrowed or gathered into `buf`.
+    fn row<'s>(&'s self, m: usize, buf: &'s mut [T]) -> &'s [T];
+}
+
+impl<T: Element> ARows<T> for AMatrix<'_, T> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    #[inline]
+    fn row<'s>(&'s self, m: usize, buf: &'s mut [T]) -> &'s [T] {
+        &self.data[m * self.stride..][..buf.len()]
+    }
+}
+
+/// The driver over any row source whose rows are valid (checked by the caller).
+pub(crate) fn gemm_rows<T: Element, A: ARows<T>>(
+    opts: &GemmOptions,
+    a: &A,
+    b: &PackedB,
+    c: &mut [T],
+    ldc: usize,
+    epi: &Epilogue<'_, T>,
+) -> Result<(), KernelError> {
     if T::DTYPE != b.dtype {
         return Err(KernelError::new(format!(
             "operands are {:?} but B was packed for {:?}",
@@ -106,10 +138,10 @@ pub fn gemm_with<T: Element>(
         )));
     }
     let n_out = b.out_columns();
-    need(a.data.len(), a.rows, a.stride, b.k, "A")?;
-    need(c.len(), a.rows, ldc, n_out, "C")?;
+    let m = a.rows();
+    need(c.len(), m, ldc, n_out, "C")?;
     if let Some((r, ldr)) = epi.residual {
-        need(r.len(), a.rows, ldr, n_out, "residual")?;
+        need(r.len(), m, ldr, n_out, "residual")?;
     }
     if let Some(bias) = epi.bias {
         if bias.len() != b.n {
@@ -130,18 +162,18 @@ pub fn gemm_with<T: Element>(
             KernelError::new(format!("B was packed for the {} path, but {why}", b.isa))
         })?;
     }
-    if a.rows == 0 {
+    if m == 0 {
         return Ok(());
     }
     let micro = Micro::select(b.isa, b.dtype, opts.emulate);
     let threads = opts.threads.unwrap_or_else(default_threads).max(1);
-    let macs = a.rows.saturating_mul(b.k).saturating_mul(b.n);
+    let macs = m.saturating_mul(b.k).saturating_mul(b.n);
     let threads = if macs < MIN_PARALLEL_MACS { 1 } else { threads };
 
     let stored = b.stored_columns();
     // Column ranges must keep micro-tiles and GEGLU value/gate pairs whole.
     let col_unit = if b.geglu { 2 * b.nr } else { micro.nr }.max(micro.nr);
-    let parts = partition(a.rows, stored, threads, micro.mr, col_unit);
+    let parts = partition(m, stored, threads, micro.mr, col_unit);
     let c_ptr = SendPtr(c.as_mut_ptr());
     let job = |rows: Range<usize>, cols: Range<usize>| {
         // SAFETY: the parts are disjoint (rows x columns) and inside C (checked above), so no
@@ -224,8 +256,8 @@ enum ABuf {
 /// Packs rows `m0..m0+mc` of A for the kernel (rows up to a multiple of `mr` and K up to `kp`
 /// are zero).
 #[allow(clippy::too_many_arguments)]
-fn pack_a<T: Element>(
-    a: &AMatrix<'_, T>,
+fn pack_a<T: Element, A: ARows<T>>(
+    a: &A,
     k: usize,
     kp: usize,
     m0: usize,
@@ -233,6 +265,7 @@ fn pack_a<T: Element>(
     micro: &Micro,
     buf: &mut ABuf,
     row_f32: &mut [f32],
+    gather: &mut [T],
 ) {
     let mr = micro.mr;
     let tiles = mc.div_ceil(mr);
@@ -242,7 +275,7 @@ fn pack_a<T: Element>(
             out.clear();
             out.resize(len, 0.0);
             for r in 0..mc {
-                let row = &a.data[(m0 + r) * a.stride..][..k];
+                let row = a.row(m0 + r, &mut gather[..k]);
                 T::to_f32_slice(row, &mut row_f32[..k]);
                 let (t, i) = (r / mr, r % mr);
                 let base = t * kp * mr + i;
@@ -255,7 +288,7 @@ fn pack_a<T: Element>(
             out.clear();
             out.resize(len, 0);
             for r in 0..mc {
-                let row = &a.data[(m0 + r) * a.stride..][..k];
+                let row = a.row(m0 + r, &mut gather[..k]);
                 let (t, i) = (r / mr, r % mr);
                 let base = t * kp * mr + i * 2;
                 for (kk, v) in row.iter().enumerate() {
@@ -267,7 +300,7 @@ fn pack_a<T: Element>(
             out.clear();
             out.resize(len, 0);
             for r in 0..mc {
-                let row = &a.data[(m0 + r) * a.stride..][..k];
+                let row = a.row(m0 + r, &mut gather[..k]);
                 for (o, v) in out[r * kp..][..k].iter_mut().zip(row) {
                     *o = bf16_bits(*v);
                 }
@@ -279,7 +312,7 @@ fn pack_a<T: Element>(
                 AFormat::F32Panels => ABuf::F32(Vec::new()),
                 _ => ABuf::U16(Vec::new()),
             };
-            pack_a(a, k, kp, m0, mc, micro, buf, row_f32)
+            pack_a(a, k, kp, m0, mc, micro, buf, row_f32, gather)
         }
     }
 }
@@ -298,9 +331,9 @@ fn bf16_bits<T: Element>(v: T) -> u16 {
 /// No other thread writes C's elements of this part; C covers `a.rows` rows of the output
 /// columns with stride `ldc` (checked by `gemm_with`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn worker<T: Element>(
+unsafe fn worker<T: Element, A: ARows<T>>(
     micro: &Micro,
-    a: AMatrix<'_, T>,
+    a: &A,
     b: &PackedB,
     c: SendPtr<T>,
     ldc: usize,
@@ -318,6 +351,7 @@ unsafe fn worker<T: Element>(
     let mc_max = micro.mc;
     let mut scratch = vec![0f32; mc_max.div_ceil(mr) * mr * nc_max];
     let mut row_f32 = vec![0f32; b.k.max(nc_max)];
+    let mut gather = vec![T::ZERO; b.k];
     let mut tmp = vec![0f32; nc_max];
     let (b_base, b_elem) = match &b.data {
         BData::F32(v) => (v.as_ptr() as *const u8, 4),
@@ -331,7 +365,17 @@ unsafe fn worker<T: Element>(
     while m0 < rows.end {
         let mc = mc_max.min(rows.end - m0);
         let mc_pad = mc.div_ceil(mr) * mr;
-        pack_a(&a, b.k, kp, m0, mc, micro, &mut abuf, &mut row_f32);
+        pack_a(
+            a,
+            b.k,
+            kp,
+            m0,
+            mc,
+            micro,
+            &mut abuf,
+            &mut row_f32,
+            &mut gather,
+        );
         let (a_base, a_elem) = match &abuf {
             ABuf::F32(v) => (v.as_ptr() as *const u8, 4),
             ABuf::U16(v) => (v.as_ptr() as *const u8, 2),

@@ -21,18 +21,22 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+mod conv;
 pub mod convert;
 mod epilogue;
 mod gemm;
 pub mod isa;
 mod kernels;
 pub mod math;
+mod norm;
 mod pack;
 mod simd;
 
+pub use conv::{conv2d, pack_conv_weight, ConvEpilogue, ConvGeometry, ConvInput};
 pub use epilogue::{Activation, Element, Epilogue};
 pub use gemm::{default_threads, gemm, gemm_with, AMatrix, GemmOptions};
 pub use isa::Isa;
+pub use norm::{group_norm, GroupNormParams};
 pub use pack::{BLayout, BSource, DType, PackSource, PackedB};
 
 /// A kernel call that cannot run: shapes, lengths or types that do not fit, or a path the host

@@ -1,0 +1,351 @@
+//! 2-D convolution of channels-last (NHWC) activations as an implicit GEMM on the packed core.
+//!
+//! Output pixel `(oy, ox)` of one image is row `oy * out_w + ox` of A; its K = `k * k * Cin`
+//! elements are the input pixels under the kernel window, tap by tap (`ky`, `kx`), each tap a
+//! contiguous run of channels. The packing of each row block gathers them straight from the
+//! input (zeros for the padding), so there is no im2col buffer; B is the weight permuted to
+//! `[Cout, k, k, Cin]` and packed once ([`pack_conv_weight`]). The same gather fuses:
+//! - a nearest-neighbour resize of the input ([`ConvGeometry::resize`]: diffusers'
+//!   `Upsample2D`, torch's `interpolate(mode="nearest")`, source index `floor(i * in / out)`);
+//! - the channel concatenation of two inputs ([`ConvInput::concat`]: the UNet's skip
+//!   connections);
+//! - asymmetric zero padding and any stride (the VAE encoder's right/bottom-padded downsampler).
+//!
+//! The epilogue adds the bias, a per-image bias (the ResNet's projected time embedding), an
+//! activation and a residual, as the GEMM's.
+
+use crate::epilogue::{Activation, Element, Epilogue};
+use crate::gemm::{gemm_rows, ARows, GemmOptions};
+use crate::isa::Isa;
+use crate::pack::{BSource, DType, PackSource, PackedB};
+use crate::KernelError;
+
+/// The shape of a convolution (square kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Images.
+    pub batch: usize,
+    /// Height of the stored input.
+    pub in_h: usize,
+    /// Width of the stored input.
+    pub in_w: usize,
+    /// Resize the input to `(height, width)` by nearest neighbour before the convolution.
+    pub resize: Option<(usize, usize)>,
+    /// Kernel side.
+    pub kernel: usize,
+    /// Stride (both directions).
+    pub stride: usize,
+    /// Zero padding: top, left, bottom, right.
+    pub pad: [usize; 4],
+}
+
+impl ConvGeometry {
+    /// The input size the kernel window slides over (after the resize).
+    pub fn virtual_input(&self) -> (usize, usize) {
+        self.resize.unwrap_or((self.in_h, self.in_w))
+    }
+
+    /// `(out_h, out_w)`, or an error for a window larger than the padded input or a zero
+    /// kernel/stride.
+    pub fn out_size(&self) -> Result<(usize, usize), KernelError> {
+        if self.kernel == 0 || self.stride == 0 {
+            return Err(KernelError::new(format!(
+                "convolution with kernel {} and stride {}: both must be at least 1",
+                self.kernel, self.stride
+            )));
+        }
+        let (vh, vw) = self.virtual_input();
+        let [pt, pl, pb, pr] = self.pad;
+        let (ph, pw) = (vh + pt + pb, vw + pl + pr);
+        if ph < self.kernel || pw < self.kernel {
+            return Err(KernelError::new(format!(
+                "a {k}x{k} kernel does not fit the padded {ph}x{pw} input",
+                k = self.kernel
+            )));
+        }
+        Ok((
+            (ph - self.kernel) / self.stride + 1,
+            (pw - self.kernel) / self.stride + 1,
+        ))
+    }
+}
+
+/// The input activations: `[batch, in_h, in_w, channels]`, and optionally a second tensor of
+/// the same height and width concatenated after it along channels.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvInput<'a, T> {
+    /// The first (or only) input.
+    pub x: &'a [T],
+    /// Its channels.
+    pub channels: usize,
+    /// A second input and its channels, concatenated after `x`.
+    pub concat: Option<(&'a [T], usize)>,
+}
+
+impl<T> ConvInput<'_, T> {
+    fn total_channels(&self) -> usize {
+        self.channels + self.concat.map_or(0, |(_, c)| c)
+    }
+}
+
+/// What happens after the product: `act(acc + bias + batch_bias[image]) + residual`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvEpilogue<'a, T> {
+    /// Per output channel.
+    pub bias: Option<&'a [f32]>,
+    /// Per image and output channel, `[batch, Cout]`.
+    pub batch_bias: Option<&'a [f32]>,
+    /// Applied after the biases.
+    pub activation: Activation,
+    /// Added last, `[batch, out_h, out_w, Cout]`.
+    pub residual: Option<&'a [T]>,
+}
+
+impl<T> Default for ConvEpilogue<'_, T> {
+    fn default() -> Self {
+        Self {
+            bias: None,
+            batch_bias: None,
+            activation: Activation::Identity,
+            residual: None,
+        }
+    }
+}
+
+/// Packs a torch convolution weight `[Cout, Cin, k, k]` (row-major) as the B of the implicit
+/// GEMM: K ordered `(ky, kx, c)`.
+pub fn pack_conv_weight<T: PackSource>(
+    weight: &[T],
+    out_channels: usize,
+    in_channels: usize,
+    kernel: usize,
+    isa: Isa,
+    dtype: DType,
+) -> Result<PackedB, KernelError> {
+    let taps = kernel * kernel;
+    let k = taps
+        .checked_mul(in_channels)
+        .filter(|k| out_channels.checked_mul(*k) == Some(weight.len()))
+        .ok_or_else(|| {
+            KernelError::new(format!(
+                "a [{out_channels}, {in_channels}, {kernel}, {kernel}] convolution weight needs \
+                 {} elements, got {}",
+                out_channels
+                    .saturating_mul(in_channels)
+                    .saturating_mul(taps),
+                weight.len()
+            ))
+        })?;
+    let mut permuted = Vec::with_capacity(weight.len());
+    for o in 0..out_channels {
+        let w = &weight[o * k..][..k];
+        for t in 0..taps {
+            permuted.extend((0..in_channels).map(|c| w[c * taps + t]));
+        }
+    }
+    PackedB::pack(
+        BSource::linear_weight(&permuted, out_channels, k),
+        isa,
+        dtype,
+        false,
+    )
+}
+
+/// The implicit A of one image.
+struct ConvRows<'a, T> {
+    x: &'a [T],
+    c1: usize,
+    x2: Option<&'a [T]>,
+    c2: usize,
+    in_w: usize,
+    /// Source row / column of each row / column of the (resized) input.
+    src_y: &'a [usize],
+    src_x: &'a [usize],
+    kernel: usize,
+    stride: usize,
+    pad_t: usize,
+    pad_l: usize,
+    out_w: usize,
+    rows: usize,
+}
+
+impl<T: Element> ARows<T> for ConvRows<'_, T> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    #[inline]
+    fn row<'s>(&'s self, m: usize, buf: &'s mut [T]) -> &'s [T] {
+        let cin = self.c1 + self.c2;
+        let (oy, ox) = (m / self.out_w, m % self.out_w);
+        let k = self.kernel;
+        debug_assert_eq!(buf.len(), k * k * cin);
+        for ky in 0..k {
+            let iy = (oy * self.stride + ky).checked_sub(self.pad_t);
+            let sy = iy.and_then(|iy| self.src_y.get(iy).copied());
+            for kx in 0..k {
+                let seg = &mut buf[(ky * k + kx) * cin..][..cin];
+                let ix = (ox * self.stride + kx).checked_sub(self.pad_l);
+                let sx = ix.and_then(|ix| self.src_x.get(ix).copied());
+                match (sy, sx) {
+                    (Some(sy), Some(sx)) => {
+                        let pix = sy * self.in_w + sx;
+                        seg[..self.c1].copy_from_slice(&self.x[pix * self.c1..][..self.c1]);
+                        if let Some(x2) = self.x2 {
+                            seg[self.c1..].copy_from_slice(&x2[pix * self.c2..][..self.c2]);
+                        }
+                    }
+                    _ => seg.fill(T::ZERO),
+                }
+            }
+        }
+        buf
+    }
+}
+
+/// `out = epilogue(conv(x, w))`, all channels-last: x `[batch, in_h, in_w, Cin]` (plus the
+/// concatenated input), out and residual `[batch, out_h, out_w, Cout]`. `w` comes from
+/// [`pack_conv_weight`] with `Cin` = the total input channels.
+pub fn conv2d<T: Element>(
+    opts: &GemmOptions,
+    x: ConvInput<'_, T>,
+    g: &ConvGeometry,
+    w: &PackedB,
+    out: &mut [T],
+    epi: &ConvEpilogue<'_, T>,
+) -> Result<(), KernelError> {
+    let (oh, ow) = g.out_size()?;
+    let cin = x.total_channels();
+    let cout = w.out_columns();
+    if w.is_geglu() {
+        return Err(KernelError::new(
+            "a convolution weight cannot be packed for GEGLU",
+        ));
+    }
+    if g.kernel
+        .checked_mul(g.kernel)
+        .and_then(|t| t.checked_mul(cin))
+        != Some(w.k())
+    {
+        return Err(KernelError::new(format!(
+            "the packed weight has K = {}, but a {k}x{k} kernel over {cin} input channels needs {}",
+            w.k(),
+            g.kernel.saturating_mul(g.kernel).saturating_mul(cin),
+            k = g.kernel
+        )));
+    }
+    let in_pixels = g.in_h.checked_mul(g.in_w);
+    let len_ok = |len: usize, c: usize| {
+        in_pixels
+            .and_then(|p| p.checked_mul(c))
+            .and_then(|p| p.checked_mul(g.batch))
+            == Some(len)
+    };
+    if !len_ok(x.x.len(), x.channels) {
+        return Err(KernelError::new(format!(
+            "input has {} elements, expected [{}, {}, {}, {}]",
+            x.x.len(),
+            g.batch,
+            g.in_h,
+            g.in_w,
+            x.channels
+        )));
+    }
+    if let Some((x2, c2)) = x.concat {
+        if !len_ok(x2.len(), c2) {
+            return Err(KernelError::new(format!(
+                "concatenated input has {} elements, expected [{}, {}, {}, {c2}]",
+                x2.len(),
+                g.batch,
+                g.in_h,
+                g.in_w
+            )));
+        }
+    }
+    let out_image = oh * ow * cout;
+    let out_len = g.batch.checked_mul(out_image);
+    if out_len != Some(out.len()) {
+        return Err(KernelError::new(format!(
+            "output has {} elements, expected [{}, {oh}, {ow}, {cout}]",
+            out.len(),
+            g.batch
+        )));
+    }
+    if let Some(r) = epi.residual {
+        if Some(r.len()) != out_len {
+            return Err(KernelError::new(format!(
+                "residual has {} elements, expected [{}, {oh}, {ow}, {cout}]",
+                r.len(),
+                g.batch
+            )));
+        }
+    }
+    if let Some(bb) = epi.batch_bias {
+        if Some(bb.len()) != g.batch.checked_mul(cout) {
+            return Err(KernelError::new(format!(
+                "per-image bias has {} values, expected [{}, {cout}]",
+                bb.len(),
+                g.batch
+            )));
+        }
+    }
+    let (vh, vw) = g.virtual_input();
+    if (vh == 0 || vw == 0 || g.in_h == 0 || g.in_w == 0) && g.batch > 0 {
+        return Err(KernelError::new("convolution over an empty image"));
+    }
+    let src_y: Vec<usize> = (0..vh).map(|i| i * g.in_h / vh).collect();
+    let src_x: Vec<usize> = (0..vw).map(|i| i * g.in_w / vw).collect();
+    let in_image = g.in_h * g.in_w;
+    let mut bias_buf = vec![0f32; cout];
+    for b in 0..g.batch {
+        let rows = ConvRows {
+            x: &x.x[b * in_image * x.channels..][..in_image * x.channels],
+            c1: x.channels,
+            x2: x
+                .concat
+                .map(|(x2, c2)| &x2[b * in_image * c2..][..in_image * c2]),
+            c2: x.concat.map_or(0, |(_, c2)| c2),
+            in_w: g.in_w,
+            src_y: &src_y,
+            src_x: &src_x,
+            kernel: g.kernel,
+            stride: g.stride,
+            pad_t: g.pad[0],
+            pad_l: g.pad[1],
+            out_w: ow,
+            rows: oh * ow,
+        };
+        let bias = match (epi.bias, epi.batch_bias) {
+            (None, None) => None,
+            (b0, bb) => {
+                bias_buf.fill(0.0);
+                if let Some(b0) = b0 {
+                    bias_buf.copy_from_slice(b0);
+                }
+                if let Some(bb) = bb {
+                    for (o, v) in bias_buf.iter_mut().zip(&bb[b * cout..][..cout]) {
+                        *o += *v;
+                    }
+                }
+                Some(&bias_buf[..])
+            }
+        };
+        let gemm_epi = Epilogue {
+            bias,
+            scale: 1.0,
+            activation: epi.activation,
+            residual: epi
+                .residual
+                .map(|r| (&r[b * out_image..][..out_image], cout)),
+        };
+        gemm_rows(
+            opts,
+            &rows,
+            w,
+            &mut out[b * out_image..][..out_image],
+            cout,
+            &gemm_epi,
+        )?;
+    }
+    Ok(())
+}

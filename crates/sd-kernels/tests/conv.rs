@@ -1,0 +1,528 @@
+//! The implicit-GEMM convolution and the channels-last group norm against f64 references
+//! computed from the same (for bf16: bf16-rounded) inputs, on every kernel path: natively
+//! where the host has it (skips reported), emulated otherwise. Shapes cover SD's: 3x3 with
+//! padding 1, stride 2, the VAE encoder's right/bottom padding, nearest 2x and odd-size
+//! resizes, the skip-connection concat, per-image (time-embedding) bias, residual and SiLU,
+//! odd and non-square sizes, K not a multiple of the kernel's step (4 input channels).
+
+use half::bf16;
+use sd_kernels::{
+    conv2d, group_norm, pack_conv_weight, Activation, ConvEpilogue, ConvGeometry, ConvInput, DType,
+    Element, GemmOptions, GroupNormParams, Isa,
+};
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    batch: usize,
+    h: usize,
+    w: usize,
+    c1: usize,
+    c2: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    pad: [usize; 4],
+    resize: Option<(usize, usize)>,
+    batch_bias: bool,
+    residual: bool,
+    silu: bool,
+}
+
+fn case(batch: usize, h: usize, w: usize, c1: usize, cout: usize) -> Case {
+    Case {
+        batch,
+        h,
+        w,
+        c1,
+        c2: 0,
+        cout,
+        kernel: 3,
+        stride: 1,
+        pad: [1; 4],
+        resize: None,
+        batch_bias: false,
+        residual: false,
+        silu: false,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        // ResNet conv1 with the time embedding, non-square odd size, batch 2.
+        Case {
+            batch_bias: true,
+            silu: true,
+            ..case(2, 9, 7, 40, 48)
+        },
+        // ResNet conv2 with the residual.
+        Case {
+            residual: true,
+            ..case(2, 6, 5, 48, 48)
+        },
+        // Downsample2D (padding 1, stride 2), odd and even sides.
+        Case {
+            stride: 2,
+            ..case(1, 9, 8, 32, 36)
+        },
+        // The VAE encoder's downsampler: pad right and bottom only.
+        Case {
+            stride: 2,
+            pad: [0, 0, 1, 1],
+            ..case(2, 8, 7, 16, 16)
+        },
+        // Upsample2D: nearest 2x, and to an odd size (latents not a multiple of 2^levels).
+        Case {
+            resize: Some((10, 8)),
+            ..case(2, 5, 4, 24, 20)
+        },
+        Case {
+            resize: Some((11, 9)),
+            ..case(1, 5, 4, 24, 20)
+        },
+        // Up-block ResNet: concat of the skip connection, with time embedding.
+        Case {
+            c2: 16,
+            batch_bias: true,
+            ..case(2, 4, 6, 24, 33)
+        },
+        // conv_in: 4 input channels (K = 36); conv_out: 4 outputs.
+        case(2, 7, 7, 4, 64),
+        case(1, 7, 7, 64, 4),
+        // Real channel counts at the smallest size (K = 2880 spans several K blocks).
+        Case {
+            residual: true,
+            batch_bias: true,
+            ..case(2, 8, 8, 320, 320)
+        },
+        // 1x1 and a kernel with no padding.
+        Case {
+            kernel: 1,
+            pad: [0; 4],
+            ..case(1, 5, 3, 24, 40)
+        },
+        Case {
+            pad: [0; 4],
+            ..case(1, 5, 6, 8, 8)
+        },
+    ]
+}
+
+/// The f64 reference on the rounded inputs.
+fn reference(
+    c: &Case,
+    x1: &[f32],
+    x2: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    bb: &[f32],
+    res: &[f32],
+) -> (Vec<f64>, Vec<f64>, (usize, usize)) {
+    let (vh, vw) = c.resize.unwrap_or((c.h, c.w));
+    let k = c.kernel;
+    let oh = (vh + c.pad[0] + c.pad[2] - k) / c.stride + 1;
+    let ow = (vw + c.pad[1] + c.pad[3] - k) / c.stride + 1;
+    let cin = c.c1 + c.c2;
+    let mut out = vec![0f64; c.batch * oh * ow * c.cout];
+    let mut mag = vec![0f64; out.len()];
+    for b in 0..c.batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..c.cout {
+                    let mut acc = bias[o] as f64;
+                    let mut m = 0f64;
+                    if c.batch_bias {
+                        acc += bb[b * c.cout + o] as f64;
+                    }
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * c.stride + ky) as isize - c.pad[0] as isize;
+                            let ix = (ox * c.stride + kx) as isize - c.pad[1] as isize;
+                            if iy < 0 || ix < 0 || iy >= vh as isize || ix >= vw as isize {
+                                continue;
+                            }
+                            let sy = iy as usize * c.h / vh;
+                            let sx = ix as usize * c.w / vw;
+                            let pix = (b * c.h + sy) * c.w + sx;
+                            for ch in 0..cin {
+                                let xv = if ch < c.c1 {
+                                    x1[pix * c.c1 + ch]
+                                } else {
+                                    x2[pix * c.c2 + ch - c.c1]
+                                } as f64;
+                                let wv = w[((o * cin + ch) * k + ky) * k + kx] as f64;
+                                acc += xv * wv;
+                                m += (xv * wv).abs();
+                            }
+                        }
+                    }
+                    if c.silu {
+                        acc /= 1.0 + (-acc).exp();
+                    }
+                    let idx = ((b * oh + oy) * ow + ox) * c.cout + o;
+                    if c.residual {
+                        acc += res[idx] as f64;
+                    }
+                    out[idx] = acc;
+                    mag[idx] = m;
+                }
+            }
+        }
+    }
+    (out, mag, (oh, ow))
+}
+
+/// The largest error of one run as a multiple of its allowance.
+fn run<T: Element + Copy>(
+    c: &Case,
+    isa: Isa,
+    emulate: bool,
+    threads: usize,
+    from: fn(f32) -> T,
+    to: fn(T) -> f32,
+) -> f64 {
+    let cin = c.c1 + c.c2;
+    let round = |v: Vec<f32>| -> Vec<T> { v.into_iter().map(from).collect() };
+    let x1 = round(values(c.batch * c.h * c.w * c.c1, 1));
+    let x2 = round(values(c.batch * c.h * c.w * c.c2, 2));
+    let w = round(
+        values(c.cout * cin * c.kernel * c.kernel, 3)
+            .into_iter()
+            .map(|v| v * 0.1)
+            .collect(),
+    );
+    let bias = values(c.cout, 4);
+    let bb = values(c.batch * c.cout, 5);
+    let (vh, vw) = c.resize.unwrap_or((c.h, c.w));
+    let oh = (vh + c.pad[0] + c.pad[2] - c.kernel) / c.stride + 1;
+    let ow = (vw + c.pad[1] + c.pad[3] - c.kernel) / c.stride + 1;
+    let res = round(values(c.batch * oh * ow * c.cout, 6));
+    let f = |v: &[T]| -> Vec<f32> { v.iter().map(|x| to(*x)).collect() };
+    let (want, mag, _) = reference(c, &f(&x1), &f(&x2), &f(&w), &bias, &bb, &f(&res));
+
+    let dtype = if std::mem::size_of::<T>() == 4 {
+        DType::F32
+    } else {
+        DType::Bf16
+    };
+    let packed = pack_conv_weight(&w, c.cout, cin, c.kernel, isa, dtype).expect("packs");
+    let g = ConvGeometry {
+        batch: c.batch,
+        in_h: c.h,
+        in_w: c.w,
+        resize: c.resize,
+        kernel: c.kernel,
+        stride: c.stride,
+        pad: c.pad,
+    };
+    assert_eq!(g.out_size().expect("fits"), (oh, ow));
+    let mut out = vec![from(0.0); want.len()];
+    let epi = ConvEpilogue {
+        bias: Some(&bias),
+        batch_bias: c.batch_bias.then_some(&bb[..]),
+        activation: if c.silu {
+            Activation::Silu
+        } else {
+            Activation::Identity
+        },
+        residual: c.residual.then_some(&res[..]),
+    };
+    let input = ConvInput {
+        x: &x1,
+        channels: c.c1,
+        concat: (c.c2 > 0).then_some((&x2[..], c.c2)),
+    };
+    let opts = GemmOptions {
+        threads: Some(threads),
+        emulate,
+    };
+    conv2d(&opts, input, &g, &packed, &mut out, &epi).expect("runs");
+    let out_rel = if dtype == DType::Bf16 {
+        1.0 / 256.0
+    } else {
+        0.0
+    };
+    let mut worst = 0f64;
+    for ((got, want), mag) in out.iter().zip(&want).zip(&mag) {
+        // f32 accumulation error, plus one rounding of the output for bf16.
+        let allowed = 1e-5 * (mag + 1.0) + out_rel * want.abs();
+        worst = worst.max((to(*got) as f64 - want).abs() / allowed);
+    }
+    worst
+}
+
+fn check_path(isa: Isa, emulate: bool) {
+    let label = if emulate { "emulated" } else { "native" };
+    for (ci, c) in cases().iter().enumerate() {
+        for threads in [1, 2] {
+            let e32 = run::<f32>(c, isa, emulate, threads, |x| x, |x| x);
+            assert!(
+                e32 <= 1.0,
+                "{isa} {label} f32 case {ci} {c:?} threads {threads}: error {e32:.2} x allowed"
+            );
+            let e16 = run::<bf16>(c, isa, emulate, threads, bf16::from_f32, bf16::to_f32);
+            assert!(
+                e16 <= 1.0,
+                "{isa} {label} bf16 case {ci} {c:?} threads {threads}: error {e16:.2} x allowed"
+            );
+        }
+    }
+}
+
+/// Runs the native path if the host has it; otherwise says so on stderr, past the test
+/// harness's capture, so the skip shows in the log.
+fn native(isa: Isa) {
+    match isa.supported() {
+        Ok(()) => check_path(isa, false),
+        Err(why) => {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED native {isa} convolution: {why} (its blocking and addressing run in emulated_{isa})"
+            );
+        }
+    }
+}
+
+#[test]
+fn conv_native_generic() {
+    native(Isa::Generic);
+}
+#[test]
+fn conv_native_avx2() {
+    native(Isa::Avx2);
+}
+#[test]
+fn conv_native_avx512() {
+    native(Isa::Avx512);
+}
+#[test]
+fn conv_native_avx512bf16() {
+    native(Isa::Avx512Bf16);
+}
+#[test]
+fn conv_native_amx() {
+    native(Isa::Amx);
+}
+#[test]
+fn conv_emulated_avx512bf16() {
+    check_path(Isa::Avx512Bf16, true);
+}
+#[test]
+fn conv_emulated_amx() {
+    check_path(Isa::Amx, true);
+}
+
+#[test]
+fn conv_bad_calls_are_errors() {
+    let w = vec![0f32; 8 * 4 * 9];
+    let packed = pack_conv_weight(&w, 8, 4, 3, Isa::Generic, DType::F32).expect("packs");
+    assert!(pack_conv_weight(&w, 8, 5, 3, Isa::Generic, DType::F32).is_err());
+    let g = ConvGeometry {
+        batch: 1,
+        in_h: 4,
+        in_w: 4,
+        resize: None,
+        kernel: 3,
+        stride: 1,
+        pad: [1; 4],
+    };
+    let x = vec![0f32; 4 * 4 * 4];
+    let mut out = vec![0f32; 4 * 4 * 8];
+    let opts = GemmOptions::default();
+    let input = ConvInput {
+        x: &x,
+        channels: 4,
+        concat: None,
+    };
+    assert!(conv2d(
+        &opts,
+        input,
+        &g,
+        &packed,
+        &mut out,
+        &ConvEpilogue::default()
+    )
+    .is_ok());
+    // Wrong input length, output length, channels, residual and per-image bias.
+    let short = ConvInput {
+        x: &x[1..],
+        ..input
+    };
+    assert!(conv2d(
+        &opts,
+        short,
+        &g,
+        &packed,
+        &mut out,
+        &ConvEpilogue::default()
+    )
+    .is_err());
+    assert!(conv2d(
+        &opts,
+        input,
+        &g,
+        &packed,
+        &mut out[1..],
+        &ConvEpilogue::default()
+    )
+    .is_err());
+    let three = ConvInput {
+        x: &x[..48],
+        channels: 3,
+        concat: None,
+    };
+    assert!(conv2d(
+        &opts,
+        three,
+        &g,
+        &packed,
+        &mut out,
+        &ConvEpilogue::default()
+    )
+    .is_err());
+    let r = vec![0f32; 3];
+    let epi = ConvEpilogue {
+        residual: Some(&r[..]),
+        ..ConvEpilogue::default()
+    };
+    assert!(conv2d(&opts, input, &g, &packed, &mut out, &epi).is_err());
+    let bb = vec![0f32; 3];
+    let epi = ConvEpilogue {
+        batch_bias: Some(&bb[..]),
+        ..ConvEpilogue::<f32>::default()
+    };
+    assert!(conv2d(&opts, input, &g, &packed, &mut out, &epi).is_err());
+    // Kernel larger than the padded input, zero stride.
+    let tiny = ConvGeometry {
+        in_h: 1,
+        in_w: 1,
+        pad: [0; 4],
+        ..g
+    };
+    assert!(tiny.out_size().is_err());
+    let zero = ConvGeometry { stride: 0, ..g };
+    assert!(zero.out_size().is_err());
+}
+
+/// Group norm (+ SiLU) against f64 statistics: f32 within 4 f32 roundings of the folded
+/// terms' magnitude (measured up to 2.1e-5 absolute in the one-pixel case, where var = 0 and
+/// a = gamma / sqrt(eps) is ~300), bf16 within one bf16 rounding of the f32 kernel.
+#[test]
+fn group_norm_matches_f64_reference() {
+    for &(batch, pixels, channels, groups) in &[
+        (2, 100, 320, 32),
+        (1, 3000, 64, 32),
+        (2, 7, 12, 3),
+        (1, 1, 32, 32),
+    ] {
+        for silu in [false, true] {
+            let x = values(batch * pixels * channels, 7)
+                .into_iter()
+                .map(|v| v * 3.0 + 0.5)
+                .collect::<Vec<_>>();
+            let gamma = values(channels, 8);
+            let beta = values(channels, 9);
+            let per = channels / groups;
+            let mut want = vec![0f64; x.len()];
+            // The kernel folds the affine transform into `x * a + (beta - mean * a)` (as
+            // torch's CPU kernel does), so its f32 error scales with |x a| + |mean a|.
+            let mut scale = vec![0f64; x.len()];
+            for b in 0..batch {
+                for g in 0..groups {
+                    let idx = |p: usize, c: usize| (b * pixels + p) * channels + g * per + c;
+                    let n = (pixels * per) as f64;
+                    let mut mean = 0f64;
+                    for p in 0..pixels {
+                        for c in 0..per {
+                            mean += x[idx(p, c)] as f64;
+                        }
+                    }
+                    mean /= n;
+                    let mut var = 0f64;
+                    for p in 0..pixels {
+                        for c in 0..per {
+                            var += (x[idx(p, c)] as f64 - mean).powi(2);
+                        }
+                    }
+                    var /= n;
+                    for p in 0..pixels {
+                        for c in 0..per {
+                            let ch = g * per + c;
+                            let mut y = (x[idx(p, c)] as f64 - mean) / (var + 1e-5).sqrt()
+                                * gamma[ch] as f64
+                                + beta[ch] as f64;
+                            if silu {
+                                y /= 1.0 + (-y).exp();
+                            }
+                            want[idx(p, c)] = y;
+                            let a = (gamma[ch] as f64 / (var + 1e-5).sqrt()).abs();
+                            scale[idx(p, c)] = (x[idx(p, c)].abs() as f64 + mean.abs()) * a
+                                + beta[ch].abs() as f64;
+                        }
+                    }
+                }
+            }
+            let params = GroupNormParams {
+                batch,
+                pixels,
+                channels,
+                groups,
+                gamma: &gamma,
+                beta: &beta,
+                eps: 1e-5,
+                silu,
+            };
+            let mut out = vec![0f32; x.len()];
+            group_norm(&params, &x, &mut out).expect("runs");
+            for ((g, w), m) in out.iter().zip(&want).zip(&scale) {
+                assert!(
+                    (*g as f64 - w).abs() <= 4.0 * f32::EPSILON as f64 * (m + 1.0),
+                    "{g} vs {w} ({batch}, {pixels}, {channels}, {groups}) silu {silu}"
+                );
+            }
+            let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+            let mut outb = vec![bf16::ZERO; x.len()];
+            group_norm(&params, &xb, &mut outb).expect("runs");
+            // The bf16 input differs from x by up to 2^-9 relative: compare against the f32
+            // kernel on the rounded input instead, within one output rounding.
+            let xr: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            group_norm(&params, &xr, &mut out).expect("runs");
+            for (g, w) in outb.iter().zip(&out) {
+                assert!(
+                    (g.to_f32() - w).abs() <= w.abs() / 256.0 + 1e-6,
+                    "{g} vs {w}"
+                );
+            }
+        }
+    }
+    let bad = GroupNormParams {
+        batch: 1,
+        pixels: 2,
+        channels: 6,
+        groups: 4,
+        gamma: &[1.0; 6],
+        beta: &[0.0; 6],
+        eps: 1e-5,
+        silu: false,
+    };
+    let mut out = vec![0f32; 12];
+    assert!(group_norm(&bad, &[0f32; 12], &mut out).is_err());
+    let bad = GroupNormParams { groups: 3, ..bad };
+    assert!(group_norm(&bad, &[0f32; 12], &mut out).is_ok());
+    assert!(group_norm(&bad, &[0f32; 11], &mut out).is_err());
+}
