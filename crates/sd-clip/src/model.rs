@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use sd_core::{component_var_builder, Error, LoadOptions, Result, VarBuilder};
 
-use sd_nn::{causal_attention, Activation, LayerNorm, Linear};
+use sd_nn::{attention_heads_last, Activation, LayerNorm, Linear};
 
 use crate::config::{self, ClipTextConfig, EosPooling};
 
@@ -50,25 +50,17 @@ impl EncoderLayer {
 
     /// # Shapes: x [B, T, D] -> [B, T, D].
     fn forward(&self, x: &Tensor, c: &ClipTextConfig) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+        let (_, _, d) = x.dims3()?;
         let heads = c.num_heads;
         let head_dim = d / heads;
         let h = self.layer_norm1.forward(x)?;
-        let split = |p: &Linear| -> Result<Tensor> {
-            Ok(p.forward(&h)?
-                .reshape((b, t, heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
         let (q, k, v) = (
-            split(&self.q_proj)?,
-            split(&self.k_proj)?,
-            split(&self.v_proj)?,
+            self.q_proj.forward(&h)?,
+            self.k_proj.forward(&h)?,
+            self.v_proj.forward(&h)?,
         );
         let scale = (head_dim as f64).powf(-0.5);
-        let attn = causal_attention(&q, &k, &v, scale)?
-            .transpose(1, 2)?
-            .reshape((b, t, d))?;
+        let attn = attention_heads_last(&q, &k, &v, heads, scale, false, true)?;
         let x = self.out_proj.forward_add(&attn, x)?;
         let h = self.layer_norm2.forward(&x)?;
         self.fc2.forward_add(&self.fc1.forward(&h)?, &x)

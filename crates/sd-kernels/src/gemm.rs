@@ -122,13 +122,16 @@ impl<T: Element> ARows<T> for AMatrix<'_, T> {
 }
 
 /// The driver over any row source whose rows are valid (checked by the caller).
-pub(crate) fn gemm_rows<T: Element, A: ARows<T>>(
+///
+/// The output (and residual) type `O` may differ from the operands' `T`: attention keeps its
+/// scores in f32 whatever the operands.
+pub(crate) fn gemm_rows<T: Element, O: Element, A: ARows<T>>(
     opts: &GemmOptions,
     a: &A,
     b: &PackedB,
-    c: &mut [T],
+    c: &mut [O],
     ldc: usize,
-    epi: &Epilogue<'_, T>,
+    epi: &Epilogue<'_, O>,
 ) -> Result<(), KernelError> {
     if T::DTYPE != b.dtype {
         return Err(KernelError::new(format!(
@@ -331,13 +334,13 @@ fn bf16_bits<T: Element>(v: T) -> u16 {
 /// No other thread writes C's elements of this part; C covers `a.rows` rows of the output
 /// columns with stride `ldc` (checked by `gemm_with`).
 #[allow(clippy::too_many_arguments)]
-unsafe fn worker<T: Element, A: ARows<T>>(
+unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
     micro: &Micro,
     a: &A,
     b: &PackedB,
-    c: SendPtr<T>,
+    c: SendPtr<O>,
     ldc: usize,
-    epi: &Epilogue<'_, T>,
+    epi: &Epilogue<'_, O>,
     rows: Range<usize>,
     cols: Range<usize>,
 ) {
@@ -440,14 +443,14 @@ unsafe fn worker<T: Element, A: ARows<T>>(
 
 /// A finished f32 accumulator block and where its rows go: scratch rows `0..mc` (stride
 /// `lds`) hold stored columns `cols` of C's rows `m0..m0+mc`.
-struct ScratchBlock<'s, 'e, T> {
+struct ScratchBlock<'s, 'e, O> {
     scratch: &'s [f32],
     lds: usize,
     mc: usize,
     cols: Range<usize>,
     b: &'s PackedB,
-    epi: &'s Epilogue<'e, T>,
-    c: SendPtr<T>,
+    epi: &'s Epilogue<'e, O>,
+    c: SendPtr<O>,
     ldc: usize,
     m0: usize,
 }
@@ -456,14 +459,14 @@ struct ScratchBlock<'s, 'e, T> {
 ///
 /// # Safety
 /// As [`worker`]: C's rows `m0..m0+mc` at the output columns of `cols` belong to the caller.
-unsafe fn epilogue_block<T: Element>(isa: Isa, block: &ScratchBlock<'_, '_, T>, tmp: &mut [f32]) {
+unsafe fn epilogue_block<O: Element>(isa: Isa, block: &ScratchBlock<'_, '_, O>, tmp: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         /// One `#[target_feature]` copy of the epilogue body per vector width.
         macro_rules! compiled_for {
             ($name:ident, $features:literal) => {
                 #[target_feature(enable = $features)]
-                unsafe fn $name<T: Element>(block: &ScratchBlock<'_, '_, T>, tmp: &mut [f32]) {
+                unsafe fn $name<O: Element>(block: &ScratchBlock<'_, '_, O>, tmp: &mut [f32]) {
                     // SAFETY: forwarded contract.
                     unsafe { epilogue_body(block, tmp) }
                 }
@@ -485,7 +488,7 @@ unsafe fn epilogue_block<T: Element>(isa: Isa, block: &ScratchBlock<'_, '_, T>, 
 }
 
 #[inline(always)]
-unsafe fn epilogue_body<T: Element>(block: &ScratchBlock<'_, '_, T>, tmp: &mut [f32]) {
+unsafe fn epilogue_body<O: Element>(block: &ScratchBlock<'_, '_, O>, tmp: &mut [f32]) {
     let ScratchBlock {
         scratch,
         lds,

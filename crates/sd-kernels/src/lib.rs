@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+mod attention;
 mod conv;
 pub mod convert;
 mod epilogue;
@@ -32,6 +33,7 @@ mod norm;
 mod pack;
 mod simd;
 
+pub use attention::{attention, AttentionParams, AttentionShape};
 pub use conv::{conv2d, pack_conv_weight, ConvEpilogue, ConvGeometry, ConvInput};
 pub use epilogue::{Activation, Element, Epilogue};
 pub use gemm::{default_threads, gemm, gemm_with, AMatrix, GemmOptions};

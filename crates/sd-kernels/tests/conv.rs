@@ -395,13 +395,13 @@ fn conv_bad_calls_are_errors() {
         &ConvEpilogue::default()
     )
     .is_err());
-    let r = vec![0f32; 3];
+    let r = [0f32; 3];
     let epi = ConvEpilogue {
         residual: Some(&r[..]),
         ..ConvEpilogue::default()
     };
     assert!(conv2d(&opts, input, &g, &packed, &mut out, &epi).is_err());
-    let bb = vec![0f32; 3];
+    let bb = [0f32; 3];
     let epi = ConvEpilogue {
         batch_bias: Some(&bb[..]),
         ..ConvEpilogue::<f32>::default()

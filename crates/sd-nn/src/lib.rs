@@ -8,15 +8,19 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod attention;
+mod cpu;
 pub mod embeddings;
 pub mod linear;
 pub mod ops;
 pub mod resnet;
 pub mod sampling;
 
-pub use attention::{causal_attention, scaled_dot_product_attention, Attention, AttentionConfig};
+pub use attention::{
+    attention_heads_last, causal_attention, scaled_dot_product_attention, Attention,
+    AttentionConfig,
+};
 pub use embeddings::{timestep_embedding, TimestepEmbedding};
 pub use linear::{Activation, Linear};
-pub use ops::{Conv2d, GroupNorm, LayerNorm};
+pub use ops::{Conv2d, ConvArgs, GroupNorm, LayerNorm};
 pub use resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 pub use sampling::{Downsample2D, Upsample2D};

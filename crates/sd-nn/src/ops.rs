@@ -4,8 +4,12 @@
 //! Layers ([`Conv2d`], [`Linear`], [`GroupNorm`], [`LayerNorm`]) load by diffusers tensor
 //! names (`weight`, `bias`) and call these functions.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Tensor, D};
 use sd_core::{Result, VarBuilder};
+
+use crate::cpu::{f32_vec, kernel_dtype, with_cpu_elems, CpuView};
 
 pub use crate::linear::{Activation, Linear};
 
@@ -108,26 +112,64 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
-/// A 2-D convolution layer (torch.nn.Conv2d) with square kernel. 1x1 convolutions run as the
-/// [`Linear`] layer over channels they are (sd-kernels' packed GEMM on the CPU).
+/// Extra inputs of a convolution, fused into its epilogue on the CPU.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConvArgs<'a> {
+    /// Resize the input to `(height, width)` by nearest neighbour first (`Upsample2D`).
+    pub resize: Option<(usize, usize)>,
+    /// Added per image and output channel, `[B, Cout]` (the ResNet's time embedding).
+    pub batch_bias: Option<&'a Tensor>,
+    /// Added to the output, `[B, H', W', Cout]` (the ResNet's shortcut).
+    pub residual: Option<&'a Tensor>,
+}
+
+/// A 2-D convolution layer (torch.nn.Conv2d, square kernel) on channels-last activations
+/// `[B, H, W, C]`.
+///
+/// On the CPU with f32/bf16 weights the weight is packed once at load for sd-kernels'
+/// implicit-GEMM convolution (the plain copy is dropped) and [`ConvArgs`] run in its
+/// epilogue; 1x1 convolutions are the [`Linear`] layer over channels they are. Elsewhere
+/// (CUDA/Metal, f16) candle's NCHW convolution runs between two permutations.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     kind: ConvKind,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    /// Top, left, bottom, right.
+    pad: [usize; 4],
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum ConvKind {
-    General {
+    Packed(Arc<PackedConv>),
+    Plain {
         weight: Tensor,
         bias: Option<Tensor>,
-        stride: usize,
-        padding: usize,
     },
     Pointwise(Linear),
 }
 
+struct PackedConv {
+    b: sd_kernels::PackedB,
+    bias: Vec<f32>,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for ConvKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConvKind::Packed(p) => write!(f, "packed for {} ({:?})", p.b.isa(), p.dtype),
+            ConvKind::Plain { weight, .. } => write!(f, "plain {:?}", weight.dtype()),
+            ConvKind::Pointwise(l) => write!(f, "{l:?}"),
+        }
+    }
+}
+
 impl Conv2d {
-    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]` under `vb`.
+    /// Loads `weight` `[out, in, k, k]` and `bias` `[out]` under `vb`, with `padding` on
+    /// every side.
     pub fn load(
         vb: &VarBuilder,
         in_channels: usize,
@@ -136,43 +178,248 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        if kernel == 1 && stride == 1 && padding == 0 {
-            return Ok(Self {
-                kind: ConvKind::Pointwise(Linear::load_conv1x1(vb, in_channels, out_channels)?),
-            });
-        }
-        Ok(Self {
-            kind: ConvKind::General {
-                weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
-                bias: Some(vb.get(out_channels, "bias")?),
-                stride,
-                padding,
-            },
-        })
+        Self::load_padded(vb, in_channels, out_channels, kernel, stride, [padding; 4])
     }
 
-    /// # Shapes: x [B, in, H, W] -> [B, out, H', W'].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.kind {
-            ConvKind::General {
+    /// [`Self::load`] with explicit padding: top, left, bottom, right.
+    pub fn load_padded(
+        vb: &VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        pad: [usize; 4],
+    ) -> Result<Self> {
+        if kernel == 0 || stride == 0 {
+            return Err(sd_core::Error::invalid_argument(
+                vb.path("weight"),
+                format!("kernel {kernel}, stride {stride}"),
+                "a kernel and a stride of at least 1",
+            ));
+        }
+        let layer = |kind| Self {
+            kind,
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            pad,
+        };
+        if kernel == 1 && stride == 1 && pad == [0; 4] {
+            let linear = Linear::load_conv1x1(vb, in_channels, out_channels)?;
+            return Ok(layer(ConvKind::Pointwise(linear)));
+        }
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = vb.get(out_channels, "bias")?;
+        let packed = if kernel_dtype(&weight).is_some() {
+            let kdtype = kernel_dtype(&weight).unwrap_or(sd_kernels::DType::F32);
+            let isa = sd_kernels::Isa::current();
+            let pack = |r: std::result::Result<sd_kernels::PackedB, sd_kernels::KernelError>| {
+                r.map_err(|e| {
+                    sd_core::Error::invalid_argument(
+                        vb.path("weight"),
+                        e.to_string(),
+                        "a conv weight",
+                    )
+                })
+            };
+            match with_cpu_elems(
+                &weight,
+                |w| sd_kernels::pack_conv_weight(w, out_channels, in_channels, kernel, isa, kdtype),
+                |w| sd_kernels::pack_conv_weight(w, out_channels, in_channels, kernel, isa, kdtype),
+            )? {
+                Some(r) => Some(pack(r)?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        Ok(layer(match packed {
+            Some(b) => ConvKind::Packed(Arc::new(PackedConv {
+                b,
+                bias: f32_vec(&bias)?,
+                dtype: weight.dtype(),
+            })),
+            None => ConvKind::Plain {
                 weight,
-                bias,
-                stride,
-                padding,
-            } => conv2d(x, weight, bias.as_ref(), *stride, *padding),
+                bias: Some(bias),
+            },
+        }))
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// # Shapes: x [B, H, W, in] -> [B, H', W', out].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, &ConvArgs::default())
+    }
+
+    /// The convolution with fused extras. # Shapes: x [B, H, W, in], `args.batch_bias`
+    /// [B, out], `args.residual` [B, H', W', out] -> [B, H', W', out].
+    pub fn forward_with(&self, x: &Tensor, args: &ConvArgs<'_>) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        if c != self.in_channels {
+            return Err(sd_core::Error::invalid_argument(
+                "convolution input",
+                format!("{:?}", x.dims()),
+                format!("[B, H, W, {}] (channels last)", self.in_channels),
+            ));
+        }
+        match &self.kind {
+            ConvKind::Packed(p) if x.device().is_cpu() => self.run_packed(p, x, (b, h, w), args),
+            ConvKind::Packed(_) => Err(sd_core::Error::unsupported(
+                "a convolution packed for the CPU kernels called with a tensor on another device",
+            )),
             ConvKind::Pointwise(linear) => {
-                let y = linear.forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
-                Ok(y.permute((0, 3, 1, 2))?)
+                let x = match args.resize {
+                    Some((th, tw)) => nearest_resize_cl(x, th, tw)?,
+                    None => x.clone(),
+                };
+                let y = match args.residual {
+                    Some(r) => linear.forward_add(&x, r)?,
+                    None => linear.forward(&x)?,
+                };
+                add_batch_bias(y, args.batch_bias)
+            }
+            ConvKind::Plain { weight, bias } => {
+                let x = match args.resize {
+                    Some((th, tw)) => nearest_resize_cl(x, th, tw)?,
+                    None => x.clone(),
+                };
+                let [pt, pl, pb, pr] = self.pad;
+                let mut xn = x.permute((0, 3, 1, 2))?;
+                let padding = if pt == pl && pt == pb && pt == pr {
+                    pt
+                } else {
+                    xn = xn.pad_with_zeros(3, pl, pr)?.pad_with_zeros(2, pt, pb)?;
+                    0
+                };
+                let y = conv2d(
+                    &xn.contiguous()?,
+                    weight,
+                    bias.as_ref(),
+                    self.stride,
+                    padding,
+                )?;
+                let y = add_batch_bias(y.permute((0, 2, 3, 1))?, args.batch_bias)?;
+                Ok(match args.residual {
+                    Some(r) => (y + r)?,
+                    None => y.contiguous()?,
+                })
             }
         }
     }
+
+    fn run_packed(
+        &self,
+        p: &PackedConv,
+        x: &Tensor,
+        (b, h, w): (usize, usize, usize),
+        args: &ConvArgs<'_>,
+    ) -> Result<Tensor> {
+        let geom = sd_kernels::ConvGeometry {
+            batch: b,
+            in_h: h,
+            in_w: w,
+            resize: args.resize,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
+        };
+        let (oh, ow) = geom.out_size().map_err(|e| {
+            sd_core::Error::invalid_argument("convolution input", e.to_string(), "a larger image")
+        })?;
+        let x = x.to_dtype(p.dtype)?.contiguous()?;
+        let residual = match args.residual {
+            Some(r) => Some(r.to_dtype(p.dtype)?.contiguous()?),
+            None => None,
+        };
+        let batch_bias = args.batch_bias.map(f32_vec).transpose()?;
+        let xv = CpuView::new(&x)?;
+        let rv = residual.as_ref().map(CpuView::new).transpose()?;
+        let n = b * oh * ow * self.out_channels;
+        let shape = (b, oh, ow, self.out_channels);
+        fn run<T: sd_kernels::Element + candle_core::WithDType>(
+            p: &PackedConv,
+            geom: &sd_kernels::ConvGeometry,
+            x: &CpuView<'_>,
+            in_channels: usize,
+            residual: Option<&CpuView<'_>>,
+            batch_bias: Option<&[f32]>,
+            n: usize,
+        ) -> Result<Vec<T>> {
+            let mut out = vec![T::ZERO; n];
+            let epi = sd_kernels::ConvEpilogue {
+                bias: Some(&p.bias),
+                batch_bias,
+                activation: sd_kernels::Activation::Identity,
+                residual: residual.map(|r| r.slice::<T>()).transpose()?,
+            };
+            let input = sd_kernels::ConvInput {
+                x: x.slice::<T>()?,
+                channels: in_channels,
+                concat: None,
+            };
+            sd_kernels::conv2d(&Default::default(), input, geom, &p.b, &mut out, &epi).map_err(
+                |e| {
+                    sd_core::Error::invalid_argument(
+                        "convolution",
+                        e.to_string(),
+                        "matching shapes",
+                    )
+                },
+            )?;
+            Ok(out)
+        }
+        let dev = x.device();
+        let bb = batch_bias.as_deref();
+        Ok(match p.dtype {
+            DType::BF16 => {
+                let out = run::<half::bf16>(p, &geom, &xv, self.in_channels, rv.as_ref(), bb, n)?;
+                Tensor::from_vec(out, shape, dev)?
+            }
+            _ => {
+                let out = run::<f32>(p, &geom, &xv, self.in_channels, rv.as_ref(), bb, n)?;
+                Tensor::from_vec(out, shape, dev)?
+            }
+        })
+    }
 }
 
-/// Group normalisation (torch.nn.GroupNorm, affine).
+/// `y + bias[b]` broadcast over the pixels of channels-last `y` `[B, H, W, C]`.
+fn add_batch_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match bias {
+        Some(t) => {
+            let (b, c) = t.dims2()?;
+            y.broadcast_add(&t.to_dtype(y.dtype())?.reshape((b, 1, 1, c))?)?
+        }
+        None => y,
+    })
+}
+
+/// torch's `interpolate(mode="nearest")` of channels-last `[B, H, W, C]` to `(th, tw)`:
+/// source index `floor(i * in / out)`.
+pub fn nearest_resize_cl(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    let (_, h, w, _) = x.dims4()?;
+    let dev = x.device();
+    let rows: Vec<u32> = (0..th).map(|i| ((i * h) / th) as u32).collect();
+    let cols: Vec<u32> = (0..tw).map(|j| ((j * w) / tw) as u32).collect();
+    let x = x.index_select(&Tensor::new(rows, dev)?, 1)?;
+    Ok(x.index_select(&Tensor::new(cols, dev)?, 2)?)
+}
+
+/// Group normalisation (torch.nn.GroupNorm, affine) of channels-last activations: channels
+/// are the last dimension, `[B, ..., C]`.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
+    /// f32 copies for the CPU kernel.
+    gamma: Arc<Vec<f32>>,
+    beta: Arc<Vec<f32>>,
     num_groups: usize,
     eps: f64,
 }
@@ -187,17 +434,92 @@ impl GroupNorm {
                 format!("a number of groups that divides the {channels} channels"),
             ));
         }
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
         Ok(Self {
-            weight: vb.get(channels, "weight")?,
-            bias: vb.get(channels, "bias")?,
+            gamma: Arc::new(f32_vec(&weight)?),
+            beta: Arc::new(f32_vec(&bias)?),
+            weight,
+            bias,
             num_groups,
             eps,
         })
     }
 
-    /// # Shapes: x [B, C, ...].
+    /// # Shapes: x [B, ..., C] (channels last).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        group_norm(x, self.num_groups, &self.weight, &self.bias, self.eps)
+        self.run(x, false)
+    }
+
+    /// `silu(forward(x))`, fused on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu_after: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (Some(&c), Some(&b)) = (dims.last(), dims.first()) else {
+            return Err(sd_core::Error::invalid_argument(
+                "group norm input",
+                format!("{dims:?}"),
+                "[B, ..., C]",
+            ));
+        };
+        if dims.len() < 2 || c != self.gamma.len() {
+            return Err(sd_core::Error::invalid_argument(
+                "group norm input",
+                format!("{dims:?}"),
+                format!("[B, ..., {}] (channels last)", self.gamma.len()),
+            ));
+        }
+        if kernel_dtype(x).is_none() {
+            // candle's NCHW group norm, channels moved to dim 1 and back.
+            let rank = dims.len();
+            let mut to_first: Vec<usize> = vec![0, rank - 1];
+            to_first.extend(1..rank - 1);
+            let mut to_last: Vec<usize> = vec![0];
+            to_last.extend(2..rank);
+            to_last.push(1);
+            let y = group_norm(
+                &x.permute(to_first)?.contiguous()?,
+                self.num_groups,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?
+            .permute(to_last)?
+            .contiguous()?;
+            return if silu_after { silu(&y) } else { Ok(y) };
+        }
+        let x = x.contiguous()?;
+        let pixels = dims[1..dims.len() - 1].iter().product();
+        let params = sd_kernels::GroupNormParams {
+            batch: b,
+            pixels,
+            channels: c,
+            groups: self.num_groups,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            eps: self.eps as f32,
+            silu: silu_after,
+        };
+        let xv = CpuView::new(&x)?;
+        fn run<T: sd_kernels::Element + candle_core::WithDType>(
+            p: &sd_kernels::GroupNormParams<'_>,
+            x: &CpuView<'_>,
+        ) -> Result<Vec<T>> {
+            let xs = x.slice::<T>()?;
+            let mut out = vec![T::ZERO; xs.len()];
+            sd_kernels::group_norm(p, xs, &mut out).map_err(|e| {
+                sd_core::Error::invalid_argument("group norm", e.to_string(), "matching shapes")
+            })?;
+            Ok(out)
+        }
+        let dev = x.device();
+        Ok(match x.dtype() {
+            DType::BF16 => Tensor::from_vec(run::<half::bf16>(&params, &xv)?, dims, dev)?,
+            _ => Tensor::from_vec(run::<f32>(&params, &xv)?, dims, dev)?,
+        })
     }
 }
 

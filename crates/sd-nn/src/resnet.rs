@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 use sd_core::{Result, VarBuilder};
 
-use crate::ops::{silu, Conv2d, GroupNorm, Linear};
+use crate::ops::{silu, Conv2d, ConvArgs, GroupNorm, Linear};
 
 /// Construction parameters of a [`ResnetBlock2D`].
 #[derive(Debug, Clone)]
@@ -58,23 +58,37 @@ impl ResnetBlock2D {
         })
     }
 
-    /// # Shapes: x [B, Cin, H, W], temb [B, T] -> [B, Cout, H, W].
+    /// Channels last. # Shapes: x [B, H, W, Cin], temb [B, T] -> [B, H, W, Cout].
+    ///
+    /// On the CPU the SiLUs run inside the group norms, the projected time embedding is a
+    /// per-image bias of conv1's epilogue and the shortcut the residual of conv2's.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&silu(t)?)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => Some(proj.forward(&silu(t)?)?),
+            _ => None,
+        };
+        let h = self.conv1.forward_with(
+            &self.norm1.forward_silu(x)?,
+            &ConvArgs {
+                batch_bias: t.as_ref(),
+                ..ConvArgs::default()
+            },
+        )?;
+        let h = self.norm2.forward_silu(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
-        Ok(if self.output_scale_factor == 1.0 {
-            out
-        } else {
-            (out / self.output_scale_factor)?
-        })
+        if self.output_scale_factor == 1.0 {
+            return self.conv2.forward_with(
+                &h,
+                &ConvArgs {
+                    residual: Some(&shortcut),
+                    ..ConvArgs::default()
+                },
+            );
+        }
+        let out = (shortcut + self.conv2.forward(&h)?)?;
+        Ok((out / self.output_scale_factor)?)
     }
 }

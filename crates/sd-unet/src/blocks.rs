@@ -101,7 +101,7 @@ impl DownBlock {
     /// Returns the output and appends every intermediate state to `skips` (one per ResNet,
     /// plus the downsampled output).
     ///
-    /// # Shapes: x [B, Cin, H, W], temb [B, T], context [B, L, D] -> [B, Cout, H', W'].
+    /// Channels last. # Shapes: x [B, H, W, Cin], temb [B, T], context [B, L, D] -> [B, H', W', Cout].
     pub fn forward(
         &self,
         x: &Tensor,
@@ -153,7 +153,7 @@ impl MidBlock {
         })
     }
 
-    /// # Shapes: x [B, C, H, W], temb [B, T], context [B, L, D] -> [B, C, H, W].
+    /// Channels last. # Shapes: x [B, H, W, C], temb [B, T], context [B, L, D] -> [B, H, W, C].
     pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
         let h = self.resnet_in.forward(x, Some(temb))?;
         let h = self.attention.forward(&h, context)?;
@@ -221,7 +221,7 @@ impl UpBlock {
     /// to the channels before its ResNet. The upsampler doubles the size, or resizes to
     /// `upsample_size` when given (latents whose sides are not multiples of 2^levels).
     ///
-    /// # Shapes: x [B, Cprev, H, W], temb [B, T], context [B, L, D] -> [B, Cout, 2H, 2W].
+    /// Channels last. # Shapes: x [B, H, W, Cprev], temb [B, T], context [B, L, D] -> [B, 2H, 2W, Cout].
     pub fn forward(
         &self,
         x: &Tensor,
@@ -239,7 +239,7 @@ impl UpBlock {
                     "one per up-block ResNet",
                 )
             })?;
-            h = Tensor::cat(&[&h, &skip], 1)?;
+            h = Tensor::cat(&[&h, &skip], 3)?;
             h = resnet.forward(&h, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context)?;

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use sd_core::{component_var_builder, Error, LoadOptions, Result, VarBuilder};
-use sd_nn::ops::{silu, Conv2d, GroupNorm};
+use sd_nn::ops::{Conv2d, GroupNorm};
 use sd_nn::{timestep_embedding, TimestepEmbedding};
 
 use crate::blocks::{DownBlock, MidBlock, ResnetShared, UpBlock};
@@ -232,6 +232,8 @@ impl UNet2DConditionModel {
             emb = (emb + aug)?;
         }
 
+        // Channels last from here to the end: converted once at each boundary of the model.
+        let x = x.permute((0, 2, 3, 1))?.contiguous()?;
         // Down path; every intermediate state is kept for the skip connections.
         let mut x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
@@ -252,7 +254,7 @@ impl UNet2DConditionModel {
                 let idx = skips.len().checked_sub(block.num_skips() + 1);
                 match idx.and_then(|i| skips.get(i)) {
                     Some(s) => {
-                        let (_, _, sh, sw) = s.dims4()?;
+                        let (_, sh, sw, _) = s.dims4()?;
                         Some((sh, sw))
                     }
                     None => None,
@@ -263,8 +265,9 @@ impl UNet2DConditionModel {
             x = block.forward(&x, &emb, &context, &mut skips, size)?;
         }
 
-        let x = silu(&self.conv_norm_out.forward(&x)?)?;
-        self.conv_out.forward(&x)
+        let x = self.conv_norm_out.forward_silu(&x)?;
+        let out = self.conv_out.forward(&x)?;
+        Ok(out.permute((0, 3, 1, 2))?.contiguous()?)
     }
 
     /// SDXL's `text_time` embedding: sinusoids of every time id (f32), flattened per sample and

@@ -128,24 +128,18 @@ impl Transformer2DModel {
         })
     }
 
-    /// # Shapes: x [B, C, H, W], context [B, Lk, cross_attention_dim] -> [B, C, H, W].
+    /// Channels last: the pixels are the tokens, so no transposition is needed, and the
+    /// input is added back in `proj_out`'s epilogue.
+    /// # Shapes: x [B, H, W, C], context [B, Lk, cross_attention_dim] -> [B, H, W, C].
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = x.dims4()?;
-        let normed = self.norm.forward(x)?;
-        // [B, C, H, W] -> [B, H·W, C] tokens; a 1x1 convolution before the permutation (SD 1.x)
-        // equals the linear map after it.
-        let c = normed.dim(1)?;
-        let tokens = normed
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let mut tokens = self.proj_in.forward(&tokens)?;
+        let (b, h, w, c) = x.dims4()?;
+        let x_tokens = x.reshape((b, h * w, c))?;
+        // A 1x1 convolution (SD 1.x) is the same linear map over channels as a linear layer.
+        let mut tokens = self.proj_in.forward(&self.norm.forward(&x_tokens)?)?;
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let tokens = self.proj_out.forward(&tokens)?;
-        let c = tokens.dim(2)?;
-        let out = tokens.transpose(1, 2)?.reshape((b, c, h, w))?;
-        Ok((out + x)?)
+        let out = self.proj_out.forward_add(&tokens, &x_tokens)?;
+        Ok(out.reshape((b, h, w, c))?)
     }
 }

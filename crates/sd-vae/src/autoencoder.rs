@@ -208,20 +208,27 @@ impl AutoencoderKL {
         }
     }
 
+    /// The encoder and `quant_conv`, channels last inside (converted once each way).
     fn encode_moments(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.encoder.forward(x)?;
-        match &self.quant_conv {
-            Some(q) => q.forward(&h),
-            None => Ok(h),
-        }
+        let h = self
+            .encoder
+            .forward(&x.permute((0, 2, 3, 1))?.contiguous()?)?;
+        let h = match &self.quant_conv {
+            Some(q) => q.forward(&h)?,
+            None => h,
+        };
+        Ok(h.permute((0, 3, 1, 2))?.contiguous()?)
     }
 
+    /// `post_quant_conv` and the decoder, channels last inside (converted once each way).
     fn decode_untiled(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.permute((0, 2, 3, 1))?.contiguous()?;
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(z)?,
-            None => z.clone(),
+            Some(p) => p.forward(&z)?,
+            None => z,
         };
-        self.decoder.forward(&z)
+        let image = self.decoder.forward(&z)?;
+        Ok(image.permute((0, 3, 1, 2))?.contiguous()?)
     }
 
     /// Latents for the diffusion model from images, sampled as diffusers' img2img does

@@ -61,8 +61,8 @@ impl DownEncoderBlock2D {
         })
     }
 
-    /// # Shapes: x [B, cin, H, W] -> [B, cout, H/2, W/2] with the downsampler (floor for odd
-    /// sizes), [B, cout, H, W] otherwise.
+    /// Channels last. # Shapes: x [B, H, W, cin] -> [B, H/2, W/2, cout] with the downsampler (floor for odd
+    /// sizes), [B, H, W, cout] otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for r in &self.resnets {
@@ -107,7 +107,7 @@ impl UpDecoderBlock2D {
         Ok(Self { resnets, upsampler })
     }
 
-    /// # Shapes: x [B, cin, h, w] -> [B, cout, 2h, 2w] with the upsampler, [B, cout, h, w] otherwise.
+    /// Channels last. # Shapes: x [B, h, w, cin] -> [B, 2h, 2w, cout] with the upsampler, [B, h, w, cout] otherwise.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for r in &self.resnets {
@@ -162,7 +162,7 @@ impl MidBlock2D {
         })
     }
 
-    /// # Shapes: x [B, C, h, w] -> [B, C, h, w].
+    /// Channels last. # Shapes: x [B, h, w, C] -> [B, h, w, C].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.first.forward(x, None)?;
         if let Some(a) = &self.attention {

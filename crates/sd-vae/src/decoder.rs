@@ -3,7 +3,6 @@
 
 use candle_core::Tensor;
 use sd_core::{Result, VarBuilder};
-use sd_nn::ops::silu;
 use sd_nn::{Conv2d, GroupNorm};
 
 use crate::blocks::{MidBlock2D, UpDecoderBlock2D, VAE_NORM_EPS};
@@ -54,14 +53,14 @@ impl Decoder {
         })
     }
 
-    /// # Shapes: z [B, latent_channels, h, w] -> image [B, out_channels, h·f, w·f].
+    /// Channels last. # Shapes: z [B, h, w, latent_channels] -> image [B, h·f, w·f, out_channels].
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
         let h = self.conv_in.forward(z)?;
         let mut h = self.mid_block.forward(&h)?;
         for b in &self.up_blocks {
             h = b.forward(&h)?;
         }
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }

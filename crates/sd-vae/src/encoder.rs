@@ -3,7 +3,6 @@
 
 use candle_core::Tensor;
 use sd_core::{Result, VarBuilder};
-use sd_nn::ops::silu;
 use sd_nn::{Conv2d, GroupNorm};
 
 use crate::blocks::{DownEncoderBlock2D, MidBlock2D, VAE_NORM_EPS};
@@ -52,7 +51,7 @@ impl Encoder {
         })
     }
 
-    /// # Shapes: image [B, in_channels, H, W] -> moments [B, 2 * latent_channels, H/f, W/f]
+    /// Channels last. # Shapes: image [B, H, W, in_channels] -> moments [B, H/f, W/f, 2 * latent_channels]
     /// (f = 2^(blocks - 1)).
     pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(image)?;
@@ -60,7 +59,7 @@ impl Encoder {
             h = b.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        let h = silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
