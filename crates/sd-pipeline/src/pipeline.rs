@@ -9,12 +9,13 @@ use candle_core::{DType, Device, Tensor, D};
 use sd_clip::prompt_syntax::{prompt_schedule, A1111Prompt, ScheduledPrompt};
 use sd_clip::{ClipTextModel, ClipTokenizer, PromptEncoder, PromptSyntax};
 use sd_core::{Error, LoadOptions, NoiseSource, Result};
-use sd_schedulers::{Scheduler, SchedulerKind};
+use sd_schedulers::{PredictionType, Scheduler, SchedulerKind};
 use sd_unet::{AddedCond, UNet2DConditionModel};
 use sd_vae::AutoencoderKL;
 
 use crate::model_index::{ModelFamily, ModelIndex};
 use crate::request::{Flow, GenerateRequest, Init, OutputType, StepInfo, MAX_BATCH};
+use crate::single_file::{self, Weights};
 
 /// A loaded diffusers model folder: text conditioning, UNet, VAE and scheduler config.
 /// Components are held in `Arc`s so pipelines can share them (the SDXL refiner shares the
@@ -32,6 +33,8 @@ pub struct StableDiffusion {
     /// `model_index.json`.
     pub index: ModelIndex,
     scheduler_config: PathBuf,
+    /// Overrides the scheduler config's `prediction_type` (single-file SD 2.x checkpoints).
+    prediction_type: Option<PredictionType>,
     device: Device,
 }
 
@@ -100,6 +103,17 @@ impl StableDiffusion {
         opts: &LoadOptions,
         base: Option<&StableDiffusion>,
     ) -> Result<Self> {
+        Self::load_from(dir, &Weights::Folder, opts, base)
+    }
+
+    /// Loads a model whose configs, tokenizers and scheduler config are in the diffusers folder
+    /// `dir` and whose weights come from `weights` (that folder, or a single-file checkpoint).
+    pub(crate) fn load_from(
+        dir: &Path,
+        weights: &Weights<'_>,
+        opts: &LoadOptions,
+        base: Option<&StableDiffusion>,
+    ) -> Result<Self> {
         let index = ModelIndex::read(dir)?;
         let family = index.family()?;
         for required in ["unet", "vae", "scheduler"] {
@@ -112,7 +126,11 @@ impl StableDiffusion {
             }
         }
         let load_te = |name: &str| -> Result<Arc<ClipTextModel>> {
-            Ok(Arc::new(ClipTextModel::load(&component(dir, name)?, opts)?))
+            let cdir = component(dir, name)?;
+            Ok(Arc::new(match weights {
+                Weights::Folder => ClipTextModel::load(&cdir, opts)?,
+                Weights::SingleFile(ck) => single_file::text_encoder(ck, &cdir, name, opts)?,
+            }))
         };
         let load_tok = |name: &str| -> Result<Arc<ClipTokenizer>> {
             Ok(Arc::new(ClipTokenizer::from_folder(&component(
@@ -138,10 +156,20 @@ impl StableDiffusion {
                 PromptEncoder::refiner(load_tok("tokenizer_2")?, te2("text_encoder_2")?)?
             }
         };
-        let unet = Arc::new(UNet2DConditionModel::load(&component(dir, "unet")?, opts)?);
+        let unet_dir = component(dir, "unet")?;
+        let unet = Arc::new(match weights {
+            Weights::Folder => UNet2DConditionModel::load(&unet_dir, opts)?,
+            Weights::SingleFile(ck) => single_file::unet(ck, &unet_dir, opts)?,
+        });
         let vae = match base {
             Some(b) => b.vae.clone(),
-            None => Arc::new(AutoencoderKL::load(&component(dir, "vae")?, opts)?),
+            None => {
+                let vae_dir = component(dir, "vae")?;
+                Arc::new(match weights {
+                    Weights::Folder => AutoencoderKL::load(&vae_dir, opts)?,
+                    Weights::SingleFile(ck) => single_file::vae(ck, &vae_dir, opts)?,
+                })
+            }
         };
         let scheduler_config = component(dir, "scheduler")?.join("scheduler_config.json");
         let sd = Self {
@@ -151,6 +179,7 @@ impl StableDiffusion {
             vae,
             index,
             scheduler_config,
+            prediction_type: None,
             device: opts.device.clone(),
         };
         sd.check_consistency()?;
@@ -188,7 +217,54 @@ impl StableDiffusion {
     /// A fresh scheduler: the model's own (`scheduler/scheduler_config.json`), or `kind` built
     /// from the same config as diffusers' `from_config`.
     pub fn scheduler(&self, kind: Option<SchedulerKind>) -> Result<Box<dyn Scheduler>> {
-        sd_schedulers::from_config_file(&self.scheduler_config, kind)
+        match self.prediction_type {
+            None => sd_schedulers::from_config_file(&self.scheduler_config, kind),
+            Some(p) => {
+                let json = self.scheduler_json(p)?;
+                sd_schedulers::from_config_json(&json, &self.scheduler_config, kind)
+            }
+        }
+    }
+
+    /// The scheduler kind the model's own config names (`_class_name`).
+    pub fn own_scheduler_kind(&self) -> Result<SchedulerKind> {
+        let json = match self.prediction_type {
+            None => std::fs::read_to_string(&self.scheduler_config)
+                .map_err(|e| Error::io(&self.scheduler_config, e))?,
+            Some(p) => self.scheduler_json(p)?,
+        };
+        Ok(sd_schedulers::resolve_config_json(&json, &self.scheduler_config, None)?.kind)
+    }
+
+    /// The model's prediction type: the override, or the scheduler config's.
+    pub fn prediction_type(&self) -> Result<PredictionType> {
+        match self.prediction_type {
+            Some(p) => Ok(p),
+            None => {
+                let json = std::fs::read_to_string(&self.scheduler_config)
+                    .map_err(|e| Error::io(&self.scheduler_config, e))?;
+                Ok(
+                    sd_schedulers::resolve_config_json(&json, &self.scheduler_config, None)?
+                        .prediction_type,
+                )
+            }
+        }
+    }
+
+    /// Sets the prediction type every scheduler of this model is built with, overriding the
+    /// scheduler config's `prediction_type` (`None` restores the config's).
+    pub fn set_prediction_type(&mut self, p: Option<PredictionType>) {
+        self.prediction_type = p;
+    }
+
+    fn scheduler_json(&self, p: PredictionType) -> Result<String> {
+        let path = &self.scheduler_config;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut v: serde_json::Value = sd_core::config::parse_json(&text, path)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("prediction_type".to_owned(), p.as_str().into());
+        }
+        Ok(v.to_string())
     }
 
     /// The dtype the model computes in (the UNet's).
