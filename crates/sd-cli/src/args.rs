@@ -78,6 +78,16 @@ pub struct Common {
     /// shapes; see docs/demo-model.md).
     #[arg(long)]
     pub model: Option<String>,
+    /// A LoRA to apply, PATH[:WEIGHT] (weight 1.0 by default); repeat for several. kohya/A1111
+    /// (lora_unet_/lora_te_/lora_te1_/lora_te2_, LoCon included) and diffusers/PEFT
+    /// (lora_A/lora_B) .safetensors files; LoHa/LoKr and pickles are refused. Applied to --model
+    /// (not to the refiner).
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    pub loras: Vec<String>,
+    /// Warn about LoRA keys that match no module of the model and apply the rest (default: an
+    /// error listing them).
+    #[arg(long)]
+    pub lora_lenient: bool,
     /// With a single-file --model (and --refiner): a diffusers folder or hub id whose configs,
     /// tokenizers and scheduler config are used instead of the ones shipped for the detected
     /// family (as diffusers' from_single_file(..., config=...)); only config files are fetched.

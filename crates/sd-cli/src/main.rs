@@ -13,11 +13,12 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_pipeline::core::candle_core::{DType, Device, Tensor};
 use sd_pipeline::core::{LoadOptions, TorchGenerator};
+use sd_pipeline::formats::LoraFile;
 use sd_pipeline::hub::{resolve_config, resolve_model, HubConfig};
 use sd_pipeline::schedulers::PredictionType;
 use sd_pipeline::{
-    Flow, GenerateRequest, Init, OutputType, PromptSyntax, SchedulerKind, SingleFileOptions,
-    StableDiffusion, StepInfo,
+    Flow, GenerateRequest, Init, LoraOptions, OutputType, PromptSyntax, SchedulerKind,
+    SingleFileOptions, StableDiffusion, StepInfo,
 };
 
 use args::{Cli, Command, Common, DTypeArg, PredictionTypeArg, PromptSyntaxArg};
@@ -151,7 +152,20 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         output::check_writable(std::slice::from_ref(p), c.overwrite)?;
     }
 
-    let sd = model.load(&opts, &sf, None)?;
+    let mut sd = model.load(&opts, &sf, None)?;
+    if !c.loras.is_empty() {
+        let loras = c
+            .loras
+            .iter()
+            .map(|spec| parse_lora(spec))
+            .collect::<Result<Vec<_>>>()?;
+        let lora_opts = LoraOptions {
+            lenient: c.lora_lenient,
+        };
+        sd = sd
+            .with_loras(&loras, &lora_opts)
+            .context("applying the LoRAs")?;
+    }
     let scheduler = match (&c.scheduler, &c.schedule_type) {
         (Some(name), t) => Some(SchedulerKind::from_a1111(name, t.as_deref())?),
         (None, Some(t)) => {
@@ -311,6 +325,20 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// `PATH[:WEIGHT]`: the weight is what follows the last `:` when it is a number.
+fn parse_lora(spec: &str) -> Result<(std::sync::Arc<LoraFile>, f64)> {
+    let (path, weight) = match spec.rsplit_once(':') {
+        Some((p, w)) if !p.is_empty() => match w.parse::<f64>() {
+            Ok(w) if w.is_finite() => (p, w),
+            Ok(_) => bail!("--lora {spec}: the weight must be a finite number"),
+            Err(_) => (spec, 1.0),
+        },
+        _ => (spec, 1.0),
+    };
+    let file = LoraFile::open(Path::new(path)).with_context(|| format!("--lora {spec}"))?;
+    Ok((std::sync::Arc::new(file), weight))
 }
 
 /// What --model / --refiner name.

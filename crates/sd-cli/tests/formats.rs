@@ -141,3 +141,68 @@ fn clear_errors() {
     assert!(err.contains("SD 1.x checkpoint"), "{err}");
     assert!(!out.exists());
 }
+
+/// `--lora PATH[:WEIGHT]`, repeatable, on a folder and on a single file: the same image both
+/// ways, different from the image without LoRAs; weights parsed; unknown files refused.
+#[test]
+fn loras_on_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loras = root().join("tests/fixtures/loras");
+    let a = format!("{}:0.7", loras.join("sd1_kohya.safetensors").display());
+    let b = loras
+        .join("sd1_peft.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let f = folder("sd1");
+    let ck = checkpoint("sd1", tmp.path());
+    let outs: Vec<PathBuf> = (0..3)
+        .map(|i| tmp.path().join(format!("{i}.png")))
+        .collect();
+    let names: Vec<String> = outs
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let runs: [Vec<&str>; 3] = [
+        vec![
+            "txt2img",
+            "--model",
+            &f,
+            "--variant",
+            "fp16",
+            "--lora",
+            &a,
+            "--lora",
+            &b,
+        ],
+        vec![
+            "txt2img", "--model", &ck, "--config", &f, "--lora", &a, "--lora", &b,
+        ],
+        vec!["txt2img", "--model", &f, "--variant", "fp16"],
+    ];
+    for (args, out) in runs.iter().zip(&names) {
+        let mut args = args.clone();
+        args.extend(common(out));
+        let o = sd(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(png_pixels(&outs[0]), png_pixels(&outs[1]));
+    assert_ne!(png_pixels(&outs[0]), png_pixels(&outs[2]));
+
+    let out = tmp.path().join("x.png");
+    let out_s = out.to_string_lossy();
+    let sdxl_lora = loras
+        .join("sdxl_kohya.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    for (lora, want) in [
+        (format!("{}:inf", b), "finite"),
+        (sdxl_lora, "SDXL LoRA"),
+        ("absent.safetensors:0.5".to_owned(), "absent.safetensors"),
+    ] {
+        let mut args = vec!["txt2img", "--model", &f, "--lora", &lora];
+        args.extend(common(&out_s));
+        let o = sd(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{err}");
+    }
+}

@@ -166,6 +166,21 @@ impl WeightMap {
         self.map.is_empty()
     }
 
+    /// The shape the tensor `name` has through this view (`None` when it is not mapped, its
+    /// file key is absent or the derivation does not fit).
+    pub fn mapped_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shape(name).ok().flatten()
+    }
+
+    /// Every file key as the model name of the same spelling (a diffusers folder's own file).
+    pub fn identity(files: Arc<WeightFiles>) -> Self {
+        let mut m = Self::new(files.clone());
+        for k in files.names() {
+            m.insert(k, k, Derive::Same);
+        }
+        m
+    }
+
     /// The file keys this view owns.
     pub fn owned(&self) -> impl Iterator<Item = &str> {
         self.owned.iter().map(String::as_str)

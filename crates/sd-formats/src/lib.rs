@@ -1,6 +1,6 @@
 //! What other tools write, read into diffusers' names: single-file LDM/SGM checkpoints
 //! ([`checkpoint`]), with the configs of each released family shipped inside the crate
-//! ([`configs`]).
+//! ([`configs`]), and LoRA files ([`lora`]).
 //!
 //! Every converter here produces an [`sd_core::WeightMap`]: the models never learn that other
 //! layouts exist, and the strict load report names the file's own keys.
@@ -10,9 +10,11 @@
 pub mod checkpoint;
 mod clip;
 pub mod configs;
+pub mod lora;
 pub mod testing;
 pub mod unet;
 pub mod vae;
 
 pub use checkpoint::{refuse_pickle, Checkpoint, Family, TextEncoderKind};
 pub use configs::{config_folder, ShippedConfig};
+pub use lora::{LoraFile, LoraFormat, LoraTarget};

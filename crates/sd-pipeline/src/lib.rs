@@ -23,11 +23,13 @@
 
 pub mod hub;
 pub mod image;
+mod lora;
 pub mod model_index;
 mod pipeline;
 pub mod request;
 mod single_file;
 
+pub use lora::LoraOptions;
 pub use model_index::{ModelFamily, ModelIndex};
 pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
 pub use request::{

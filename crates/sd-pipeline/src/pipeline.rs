@@ -15,7 +15,8 @@ use sd_vae::AutoencoderKL;
 
 use crate::model_index::{ModelFamily, ModelIndex};
 use crate::request::{Flow, GenerateRequest, Init, OutputType, StepInfo, MAX_BATCH};
-use crate::single_file::{self, Weights};
+use crate::single_file::{self, ComponentSource, Weights};
+use sd_formats::LoraFile;
 
 /// A loaded diffusers model folder: text conditioning, UNet, VAE and scheduler config.
 /// Components are held in `Arc`s so pipelines can share them (the SDXL refiner shares the
@@ -35,7 +36,21 @@ pub struct StableDiffusion {
     scheduler_config: PathBuf,
     /// Overrides the scheduler config's `prediction_type` (single-file SD 2.x checkpoints).
     prediction_type: Option<PredictionType>,
+    /// The base weights of the UNet and text encoders, kept memory-mapped so that LoRAs can be
+    /// applied and removed without reading the files again.
+    pub(crate) sources: Arc<Sources>,
+    /// The LoRAs applied (file, strength), in order.
+    pub(crate) loras: Vec<(Arc<LoraFile>, f64)>,
     device: Device,
+}
+
+/// The base weights of the components LoRAs can change.
+#[derive(Debug, Default)]
+pub(crate) struct Sources {
+    /// The UNet's.
+    pub unet: Option<ComponentSource>,
+    /// The text encoders this model loaded (not those shared from a base), by component name.
+    pub text: std::collections::BTreeMap<String, ComponentSource>,
 }
 
 impl std::fmt::Debug for StableDiffusion {
@@ -125,12 +140,12 @@ impl StableDiffusion {
                 ));
             }
         }
+        let sources = std::cell::RefCell::new(Sources::default());
         let load_te = |name: &str| -> Result<Arc<ClipTextModel>> {
             let cdir = component(dir, name)?;
-            Ok(Arc::new(match weights {
-                Weights::Folder => ClipTextModel::load(&cdir, opts)?,
-                Weights::SingleFile(ck) => single_file::text_encoder(ck, &cdir, name, opts)?,
-            }))
+            let (source, model) = single_file::text_encoder(weights, &cdir, name, opts)?;
+            sources.borrow_mut().text.insert(name.to_owned(), source);
+            Ok(Arc::new(model))
         };
         let load_tok = |name: &str| -> Result<Arc<ClipTokenizer>> {
             Ok(Arc::new(ClipTokenizer::from_folder(&component(
@@ -156,11 +171,10 @@ impl StableDiffusion {
                 PromptEncoder::refiner(load_tok("tokenizer_2")?, te2("text_encoder_2")?)?
             }
         };
-        let unet_dir = component(dir, "unet")?;
-        let unet = Arc::new(match weights {
-            Weights::Folder => UNet2DConditionModel::load(&unet_dir, opts)?,
-            Weights::SingleFile(ck) => single_file::unet(ck, &unet_dir, opts)?,
-        });
+        let (unet_source, unet) = single_file::unet(weights, &component(dir, "unet")?, opts)?;
+        let unet = Arc::new(unet);
+        let mut sources = sources.into_inner();
+        sources.unet = Some(unet_source);
         let vae = match base {
             Some(b) => b.vae.clone(),
             None => {
@@ -180,6 +194,8 @@ impl StableDiffusion {
             index,
             scheduler_config,
             prediction_type: None,
+            sources: Arc::new(sources),
+            loras: Vec::new(),
             device: opts.device.clone(),
         };
         sd.check_consistency()?;

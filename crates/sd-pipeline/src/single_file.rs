@@ -4,9 +4,10 @@
 //! as `config`, and the weights are read through sd-formats' key conversion.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sd_clip::{ClipTextConfig, ClipTextModel};
-use sd_core::{Error, LoadOptions, Result, VarBuilder, WeightMap};
+use sd_core::{Error, LoadOptions, Result, VarBuilder, WeightFiles, WeightMap};
 use sd_formats::{Checkpoint, Family, ShippedConfig};
 use sd_schedulers::PredictionType;
 use sd_unet::{UNet2DConditionModel, UNetConfig};
@@ -36,6 +37,18 @@ pub struct SingleFileOptions {
     pub prediction_type: Option<PredictionType>,
 }
 
+/// The weights of one component as a [`WeightMap`] (so that LoRA deltas can be merged into it
+/// later), with the config folder and load options it was built with.
+#[derive(Debug, Clone)]
+pub(crate) struct ComponentSource {
+    /// The base weights (no deltas).
+    pub map: WeightMap,
+    /// The component's config folder.
+    pub dir: PathBuf,
+    /// How it was loaded.
+    pub opts: LoadOptions,
+}
+
 fn load_with<T>(
     map: WeightMap,
     opts: &LoadOptions,
@@ -47,31 +60,85 @@ fn load_with<T>(
     Ok(model)
 }
 
-/// A text encoder from the checkpoint, with the config in `dir`.
+/// A diffusers component folder's own weight files, seen through an identity [`WeightMap`].
+fn folder_map(dir: &Path, stem: &str, opts: &LoadOptions) -> Result<WeightMap> {
+    let (files, note) = sd_core::resolve_weight_files(dir, stem, opts.variant.as_deref())?;
+    if let Some(note) = note {
+        log::warn!("{note}");
+    }
+    Ok(WeightMap::identity(Arc::new(WeightFiles::open(&files)?)))
+}
+
+/// The text encoder `name` (config in `dir`): its weight source and the model.
 pub(crate) fn text_encoder(
-    ck: &Checkpoint,
+    weights: &Weights<'_>,
     dir: &Path,
     name: &str,
     opts: &LoadOptions,
-) -> Result<ClipTextModel> {
+) -> Result<(ComponentSource, ClipTextModel)> {
     let config = ClipTextConfig::read(&dir.join("config.json"))?;
-    // SDXL's second encoder is CLIPTextModelWithProjection (its config says so).
-    let with_projection = config.with_projection.unwrap_or(name == "text_encoder_2");
-    let map = ck.text_encoder_map(name, config.num_layers, with_projection)?;
-    load_with(map, opts, |vb| ClipTextModel::new(config, vb))
+    let map = match weights {
+        Weights::Folder => folder_map(dir, "model", opts)?,
+        Weights::SingleFile(ck) => {
+            // SDXL's second encoder is CLIPTextModelWithProjection (its config says so).
+            let with_projection = config.with_projection.unwrap_or(name == "text_encoder_2");
+            ck.text_encoder_map(name, config.num_layers, with_projection)?
+        }
+    };
+    let source = ComponentSource {
+        map,
+        dir: dir.to_path_buf(),
+        opts: opts.clone(),
+    };
+    let model = text_encoder_from(&source, None)?;
+    Ok((source, model))
 }
 
-/// The UNet from the checkpoint, with the config in `dir`.
+/// Builds the text encoder of `source`, with `map` (the source's map plus deltas) if given.
+pub(crate) fn text_encoder_from(
+    source: &ComponentSource,
+    map: Option<WeightMap>,
+) -> Result<ClipTextModel> {
+    let config = ClipTextConfig::read(&source.dir.join("config.json"))?;
+    let map = map.unwrap_or_else(|| source.map.clone());
+    load_with(map, &source.opts, |vb| ClipTextModel::new(config, vb))
+}
+
+/// The UNet (config in `dir`): its weight source and the model.
 pub(crate) fn unet(
-    ck: &Checkpoint,
+    weights: &Weights<'_>,
     dir: &Path,
     opts: &LoadOptions,
+) -> Result<(ComponentSource, UNet2DConditionModel)> {
+    let map = match weights {
+        Weights::Folder => folder_map(dir, "diffusion_pytorch_model", opts)?,
+        Weights::SingleFile(ck) => {
+            let config = UNetConfig::from_file(&dir.join("config.json"))?;
+            ck.unet_map(layers_per_block(&config))?
+        }
+    };
+    let source = ComponentSource {
+        map,
+        dir: dir.to_path_buf(),
+        opts: opts.clone(),
+    };
+    let model = unet_from(&source, None)?;
+    Ok((source, model))
+}
+
+/// LDM numbers the UNet blocks flat, (layers_per_block + 1) entries per level.
+pub(crate) fn layers_per_block(config: &UNetConfig) -> usize {
+    config.down_blocks.first().map_or(0, |b| b.num_layers)
+}
+
+/// Builds the UNet of `source`, with `map` (the source's map plus deltas) if given.
+pub(crate) fn unet_from(
+    source: &ComponentSource,
+    map: Option<WeightMap>,
 ) -> Result<UNet2DConditionModel> {
-    let config = UNetConfig::from_file(&dir.join("config.json"))?;
-    // LDM numbers the blocks flat, (layers_per_block + 1) entries per level.
-    let lpb = config.down_blocks.first().map_or(0, |b| b.num_layers);
-    let map = ck.unet_map(lpb)?;
-    load_with(map, opts, |vb| {
+    let config = UNetConfig::from_file(&source.dir.join("config.json"))?;
+    let map = map.unwrap_or_else(|| source.map.clone());
+    load_with(map, &source.opts, |vb| {
         UNet2DConditionModel::from_config(config, vb)
     })
 }
