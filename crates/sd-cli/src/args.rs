@@ -88,6 +88,12 @@ pub struct Common {
     /// error listing them).
     #[arg(long)]
     pub lora_lenient: bool,
+    /// A textual-inversion embedding, PATH[:TOKEN]; repeat for several. The trigger token is the
+    /// file stem unless TOKEN is given (as AUTOMATIC1111; diffusers' token=). AUTOMATIC1111
+    /// `emb_params`, diffusers `{token: tensor}`, multi-vector, and SDXL `clip_l` + `clip_g`
+    /// .safetensors files; .pt/.bin pickles are refused.
+    #[arg(long = "embedding", value_name = "PATH[:TOKEN]")]
+    pub embeddings: Vec<String>,
     /// With a single-file --model (and --refiner): a diffusers folder or hub id whose configs,
     /// tokenizers and scheduler config are used instead of the ones shipped for the detected
     /// family (as diffusers' from_single_file(..., config=...)); only config files are fetched.

@@ -13,7 +13,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_pipeline::core::candle_core::{DType, Device, Tensor};
 use sd_pipeline::core::{LoadOptions, TorchGenerator};
-use sd_pipeline::formats::LoraFile;
+use sd_pipeline::formats::{EmbeddingFile, LoraFile};
 use sd_pipeline::hub::{resolve_config, resolve_model, HubConfig};
 use sd_pipeline::schedulers::PredictionType;
 use sd_pipeline::{
@@ -165,6 +165,16 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         sd = sd
             .with_loras(&loras, &lora_opts)
             .context("applying the LoRAs")?;
+    }
+    if !c.embeddings.is_empty() {
+        let embeddings = c
+            .embeddings
+            .iter()
+            .map(|spec| parse_embedding(spec))
+            .collect::<Result<Vec<_>>>()?;
+        sd = sd
+            .with_embeddings(&embeddings)
+            .context("adding the embeddings")?;
     }
     let scheduler = match (&c.scheduler, &c.schedule_type) {
         (Some(name), t) => Some(SchedulerKind::from_a1111(name, t.as_deref())?),
@@ -339,6 +349,19 @@ fn parse_lora(spec: &str) -> Result<(std::sync::Arc<LoraFile>, f64)> {
     };
     let file = LoraFile::open(Path::new(path)).with_context(|| format!("--lora {spec}"))?;
     Ok((std::sync::Arc::new(file), weight))
+}
+
+/// `PATH[:TOKEN]`: an existing file as a whole, else the part after the last `:` is the token.
+fn parse_embedding(spec: &str) -> Result<std::sync::Arc<EmbeddingFile>> {
+    let (path, token) = match spec.rsplit_once(':') {
+        Some((p, t)) if !Path::new(spec).is_file() && !p.is_empty() && !t.is_empty() => {
+            (p, Some(t))
+        }
+        _ => (spec, None),
+    };
+    let file = EmbeddingFile::open(Path::new(path), token)
+        .with_context(|| format!("--embedding {spec}"))?;
+    Ok(std::sync::Arc::new(file))
 }
 
 /// What --model / --refiner name.

@@ -206,3 +206,83 @@ fn loras_on_the_command_line() {
         assert!(!o.status.success() && err.contains(want), "{err}");
     }
 }
+
+/// `--embedding PATH[:TOKEN]` with the LoRAs and a single file: the token changes the image;
+/// a pickle is refused.
+#[test]
+fn embeddings_on_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let embs = root().join("tests/fixtures/embeddings");
+    let fox = embs
+        .join("fox-style.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let cat = format!(
+        "{}:<cat-toy>",
+        embs.join("learned_embeds.safetensors").display()
+    );
+    let lora = root()
+        .join("tests/fixtures/loras/sd1_kohya.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let f = folder("sd1");
+    let ck = checkpoint("sd1", tmp.path());
+    let outs: Vec<String> = (0..2)
+        .map(|i| {
+            tmp.path()
+                .join(format!("{i}.png"))
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let base = [
+        "txt2img",
+        "--model",
+        &ck,
+        "--config",
+        &f,
+        "--lora",
+        &lora,
+        "--prompt-syntax",
+        "plain",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+        "--width",
+        "32",
+        "--height",
+        "32",
+    ];
+    let mut args = base.to_vec();
+    args.extend([
+        "--embedding",
+        &fox,
+        "--embedding",
+        &cat,
+        "--prompt",
+        "a fox-style <cat-toy>",
+        "--output",
+        &outs[0],
+    ]);
+    let o = sd(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut args = base.to_vec();
+    args.extend(["--prompt", "a fox-style <cat-toy>", "--output", &outs[1]]);
+    let o = sd(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_ne!(
+        png_pixels(Path::new(&outs[0])),
+        png_pixels(Path::new(&outs[1]))
+    );
+    let pt = tmp.path().join("bad-hands.pt");
+    std::fs::write(&pt, b"\x80\x02").unwrap();
+    let pt_s = pt.to_string_lossy();
+    let x = tmp.path().join("x.png");
+    let x_s = x.to_string_lossy();
+    let mut args = vec!["txt2img", "--model", &f, "--embedding", &pt_s];
+    args.extend(common(&x_s));
+    let o = sd(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("pickled"), "{err}");
+}

@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+mod embedding;
 pub mod hub;
 pub mod image;
 mod lora;

@@ -113,7 +113,7 @@ impl StableDiffusion {
         }
         rebuild.sort();
         rebuild.dedup();
-        let mut text = (*self.text).clone();
+        let mut text = (*self.text_plain).clone();
         for target in rebuild {
             let map = deltas.remove(&target);
             match target {
@@ -129,6 +129,11 @@ impl StableDiffusion {
                     }
                 }
             }
+        }
+        // The embeddings go on top of the (re)built encoders.
+        out.text_plain = Arc::new(text.clone());
+        for e in &self.embeddings {
+            crate::embedding::apply(&mut text, e)?;
         }
         out.text = Arc::new(text);
         out.loras = loras.to_vec();

@@ -41,6 +41,10 @@ pub struct StableDiffusion {
     pub(crate) sources: Arc<Sources>,
     /// The LoRAs applied (file, strength), in order.
     pub(crate) loras: Vec<(Arc<LoraFile>, f64)>,
+    /// The textual-inversion embeddings added, in order.
+    pub(crate) embeddings: Vec<Arc<sd_formats::EmbeddingFile>>,
+    /// `text` without the embeddings (LoRA changes rebuild from it).
+    pub(crate) text_plain: Arc<PromptEncoder>,
     device: Device,
 }
 
@@ -186,9 +190,11 @@ impl StableDiffusion {
             }
         };
         let scheduler_config = component(dir, "scheduler")?.join("scheduler_config.json");
+        let text = Arc::new(text);
         let sd = Self {
             family,
-            text: Arc::new(text),
+            text_plain: text.clone(),
+            text,
             unet,
             vae,
             index,
@@ -196,6 +202,7 @@ impl StableDiffusion {
             prediction_type: None,
             sources: Arc::new(sources),
             loras: Vec::new(),
+            embeddings: Vec::new(),
             device: opts.device.clone(),
         };
         sd.check_consistency()?;
