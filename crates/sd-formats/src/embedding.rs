@@ -61,7 +61,8 @@ impl EmbeddingFile {
             // diffusers' `{token: tensor}` (the key is ignored: the trigger is the stem or
             // `:TOKEN`, as in AUTOMATIC1111), or a converted A1111 `string_to_param.*`.
             [k] => single = Some(load(k)?),
-            _ => return Err(Error::unsupported(format!(
+            _ => {
+                return Err(Error::unsupported(format!(
                 "{}: not a textual-inversion file; expected `emb_params`, one `<token>` tensor, \
                      or `clip_l` + `clip_g` (SDXL), found {}",
                 path.display(),
@@ -73,7 +74,8 @@ impl EmbeddingFile {
                         .collect::<Vec<_>>()
                         .join(", ")
                 }
-            ))),
+            )))
+            }
         }
         // A1111 users type the file stem; diffusers' token= (here `:TOKEN`) overrides it.
         let token = token.map(str::to_owned).unwrap_or(stem);
