@@ -1,7 +1,11 @@
-//! Loading a single-file LDM/SGM checkpoint (`model.safetensors` as model sites distribute
-//! them), as diffusers' `from_single_file`: the family is detected from the keys, the configs
-//! come from the family's shipped configs (offline) or from a diffusers folder / hub id given
-//! as `config`, and the weights are read through sd-formats' key conversion.
+//! Where the components' weights come from. Every UNet and text encoder is built from a
+//! [`WeightMap`] (a diffusers folder's own files seen as they are, or a single-file checkpoint
+//! through sd-formats' key conversion), kept as the component's base weights so that LoRAs can
+//! be merged in later without reading the files again.
+//!
+//! Single-file LDM/SGM checkpoints (`model.safetensors` as model sites distribute them) load as
+//! diffusers' `from_single_file`: the family is detected from the keys, the configs come from the
+//! family's shipped configs (offline) or from a diffusers folder / hub id given as `config`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
