@@ -5,6 +5,7 @@
 
 pub use sd_clip as clip;
 pub use sd_core as core;
+pub use sd_formats as formats;
 pub use sd_kernels as kernels;
 pub use sd_nn as nn;
 pub use sd_pipeline as pipeline;

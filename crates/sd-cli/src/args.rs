@@ -49,6 +49,16 @@ pub enum DTypeArg {
     Bf16,
 }
 
+/// What the UNet predicts.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PredictionTypeArg {
+    /// The added noise (SD 1.x, SD 2.x-base, SDXL).
+    Epsilon,
+    /// v = alpha * noise - sigma * x0 (SD 2.x 768-v).
+    #[value(name = "v_prediction", alias = "v-prediction", alias = "v")]
+    VPrediction,
+}
+
 /// Prompt syntax.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PromptSyntaxArg {
@@ -61,11 +71,38 @@ pub enum PromptSyntaxArg {
 /// Options shared by txt2img and img2img.
 #[derive(Debug, Args)]
 pub struct Common {
-    /// A diffusers folder or a Hugging Face hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0).
+    /// A diffusers folder, a Hugging Face hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)
+    /// or a single-file checkpoint (FILE.safetensors in the original LDM/SGM layout, as model
+    /// sites distribute them: SD 1.x, SD 2.x, SDXL base or refiner, detected from the keys).
     /// Without it, the small demo model built into this binary is used (64x64 images of coloured
     /// shapes; see docs/demo-model.md).
     #[arg(long)]
     pub model: Option<String>,
+    /// A LoRA to apply, PATH[:WEIGHT] (weight 1.0 by default); repeat for several. kohya/A1111
+    /// (lora_unet_/lora_te_/lora_te1_/lora_te2_, LoCon included) and diffusers/PEFT
+    /// (lora_A/lora_B) .safetensors files; LoHa/LoKr and pickles are refused. Applied to --model
+    /// (not to the refiner).
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    pub loras: Vec<String>,
+    /// Warn about LoRA keys that match no module of the model and apply the rest (default: an
+    /// error listing them).
+    #[arg(long)]
+    pub lora_lenient: bool,
+    /// A textual-inversion embedding, PATH[:TOKEN]; repeat for several. The trigger token is the
+    /// file stem unless TOKEN is given (as AUTOMATIC1111; diffusers' token=). AUTOMATIC1111
+    /// `emb_params`, diffusers `{token: tensor}`, multi-vector, and SDXL `clip_l` + `clip_g`
+    /// .safetensors files; .pt/.bin pickles are refused.
+    #[arg(long = "embedding", value_name = "PATH[:TOKEN]")]
+    pub embeddings: Vec<String>,
+    /// With a single-file --model (and --refiner): a diffusers folder or hub id whose configs,
+    /// tokenizers and scheduler config are used instead of the ones shipped for the detected
+    /// family (as diffusers' from_single_file(..., config=...)); only config files are fetched.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// What the UNet predicts, overriding the scheduler config (single-file SD 2.x files do not
+    /// record it; by default sd-rs decides from a weight statistic, see docs/formats.md).
+    #[arg(long, value_enum)]
+    pub prediction_type: Option<PredictionTypeArg>,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -132,9 +169,14 @@ pub struct Common {
     /// Weight-file variant to prefer, e.g. fp16 (falls back to the plain files).
     #[arg(long)]
     pub variant: Option<String>,
-    /// An SDXL refiner (folder or hub id) that finishes the schedule after the base.
+    /// An SDXL refiner (folder, hub id or single-file checkpoint) that finishes the schedule
+    /// after the base.
     #[arg(long)]
     pub refiner: Option<String>,
+    /// With a single-file --refiner: a diffusers folder or hub id giving its configs (as
+    /// --config for the base).
+    #[arg(long)]
+    pub refiner_config: Option<String>,
     /// With --refiner: the fraction of the steps the base runs.
     #[arg(long, default_value_t = 0.8)]
     pub high_noise_frac: f64,

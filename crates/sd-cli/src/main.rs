@@ -13,12 +13,15 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sd_pipeline::core::candle_core::{DType, Device, Tensor};
 use sd_pipeline::core::{LoadOptions, TorchGenerator};
-use sd_pipeline::hub::{resolve_model, HubConfig};
+use sd_pipeline::formats::{EmbeddingFile, LoraFile};
+use sd_pipeline::hub::{resolve_config, resolve_model, HubConfig};
+use sd_pipeline::schedulers::PredictionType;
 use sd_pipeline::{
-    Flow, GenerateRequest, Init, OutputType, PromptSyntax, SchedulerKind, StableDiffusion, StepInfo,
+    Flow, GenerateRequest, Init, LoraOptions, OutputType, PromptSyntax, SchedulerKind,
+    SingleFileOptions, StableDiffusion, StepInfo,
 };
 
-use args::{Cli, Command, Common, DTypeArg, PromptSyntaxArg};
+use args::{Cli, Command, Common, DTypeArg, PredictionTypeArg, PromptSyntaxArg};
 
 /// Prints the library's warnings (dropped prompt tokens, variant fallback, unknown config keys)
 /// to stderr; `SD_LOG=debug` shows more.
@@ -103,22 +106,32 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         variant: c.variant.clone(),
     };
     let hub = HubConfig::from_env();
-    let (model_dir, model_name, is_demo) = match &c.model {
+    let sf = SingleFileOptions {
+        config: c
+            .config
+            .as_deref()
+            .map(|m| resolve_config(m, &hub))
+            .transpose()?,
+        prediction_type: c.prediction_type.map(|p| match p {
+            PredictionTypeArg::Epsilon => PredictionType::Epsilon,
+            PredictionTypeArg::VPrediction => PredictionType::VPrediction,
+        }),
+    };
+    let (model, model_name, is_demo) = match &c.model {
         Some(m) => (
-            resolve_model(m, c.variant.as_deref(), &hub)?,
+            ModelSource::resolve(m, c.variant.as_deref(), &hub)?,
             m.clone(),
             false,
         ),
-        None => (demo::path()?, "sd-rs demo".to_owned(), true),
+        None => (
+            ModelSource::Folder(demo::path()?),
+            "sd-rs demo".to_owned(),
+            true,
+        ),
     };
-    let scheduler = match (&c.scheduler, &c.schedule_type) {
-        (Some(name), t) => Some(SchedulerKind::from_a1111(name, t.as_deref())?),
-        (None, Some(t)) => {
-            let own = model_scheduler(&model_dir)?;
-            Some(SchedulerKind::from_a1111(own.short_name(), Some(t))?)
-        }
-        (None, None) => None,
-    };
+    if sf.config.is_some() && !matches!(model, ModelSource::File(_)) {
+        bail!("--config applies to single-file checkpoints; --model is a diffusers folder with its own configs");
+    }
     let clip_skip = c.clip_skip.map(|n| n as usize - 1).filter(|&k| k > 0);
     if let Some(f) = c.guidance_rescale {
         if !(f.is_finite() && f >= 0.0) {
@@ -139,8 +152,38 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         output::check_writable(std::slice::from_ref(p), c.overwrite)?;
     }
 
-    let sd = StableDiffusion::load(&model_dir, &opts)
-        .with_context(|| format!("loading {}", model_dir.display()))?;
+    let mut sd = model.load(&opts, &sf, None)?;
+    if !c.loras.is_empty() {
+        let loras = c
+            .loras
+            .iter()
+            .map(|spec| parse_lora(spec))
+            .collect::<Result<Vec<_>>>()?;
+        let lora_opts = LoraOptions {
+            lenient: c.lora_lenient,
+        };
+        sd = sd
+            .with_loras(&loras, &lora_opts)
+            .context("applying the LoRAs")?;
+    }
+    if !c.embeddings.is_empty() {
+        let embeddings = c
+            .embeddings
+            .iter()
+            .map(|spec| parse_embedding(spec))
+            .collect::<Result<Vec<_>>>()?;
+        sd = sd
+            .with_embeddings(&embeddings)
+            .context("adding the embeddings")?;
+    }
+    let scheduler = match (&c.scheduler, &c.schedule_type) {
+        (Some(name), t) => Some(SchedulerKind::from_a1111(name, t.as_deref())?),
+        (None, Some(t)) => {
+            let own = sd.own_scheduler_kind()?;
+            Some(SchedulerKind::from_a1111(own.short_name(), Some(t))?)
+        }
+        (None, None) => None,
+    };
     let mut req = GenerateRequest::new(c.prompt.clone());
     req.negative_prompts = c.negative_prompt.iter().cloned().collect();
     let defaults = if is_demo {
@@ -207,9 +250,18 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
             if !(f > 0.0 && f < 1.0) {
                 bail!("--high-noise-frac {f}: expected a fraction strictly between 0 and 1");
             }
-            let rdir = resolve_model(r, c.variant.as_deref(), &hub)?;
-            let refiner = StableDiffusion::load_refiner(&rdir, &sd, &opts)
-                .with_context(|| format!("loading refiner {}", rdir.display()))?;
+            // The refiner has its own --refiner-config; the prediction type is the base's.
+            let rsf = SingleFileOptions {
+                config: c
+                    .refiner_config
+                    .as_deref()
+                    .map(|m| resolve_config(m, &hub))
+                    .transpose()?,
+                prediction_type: None,
+            };
+            let refiner = ModelSource::resolve(r, c.variant.as_deref(), &hub)?
+                .load(&opts, &rsf, Some(&sd))
+                .context("loading the refiner")?;
             if refiner.unet.config().in_channels != sd.unet.config().in_channels {
                 bail!(
                     "the refiner's UNet takes {} latent channels, the base produces {}",
@@ -250,7 +302,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     let (h, w) = (first.height(), first.width());
     let (sampler, schedule_type) = match scheduler {
         Some(k) => k,
-        None => model_scheduler(&model_dir)?,
+        None => sd.own_scheduler_kind()?,
     }
     .a1111_name();
     let mut params = format!(
@@ -285,12 +337,85 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     Ok(())
 }
 
-/// The scheduler the model folder ships (`scheduler/scheduler_config.json`).
-fn model_scheduler(model_dir: &Path) -> Result<SchedulerKind> {
-    let path = model_dir.join("scheduler").join("scheduler_config.json");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(sd_pipeline::schedulers::resolve_config_json(&text, &path, None)?.kind)
+/// `PATH[:WEIGHT]`: the weight is what follows the last `:` when it is a number.
+fn parse_lora(spec: &str) -> Result<(std::sync::Arc<LoraFile>, f64)> {
+    let (path, weight) = match spec.rsplit_once(':') {
+        Some((p, w)) if !p.is_empty() => match w.parse::<f64>() {
+            Ok(w) if w.is_finite() => (p, w),
+            Ok(_) => bail!("--lora {spec}: the weight must be a finite number"),
+            Err(_) => (spec, 1.0),
+        },
+        _ => (spec, 1.0),
+    };
+    let file = LoraFile::open(Path::new(path)).with_context(|| format!("--lora {spec}"))?;
+    Ok((std::sync::Arc::new(file), weight))
+}
+
+/// `PATH[:TOKEN]`: an existing file as a whole, else the part after the last `:` is the token.
+fn parse_embedding(spec: &str) -> Result<std::sync::Arc<EmbeddingFile>> {
+    let (path, token) = match spec.rsplit_once(':') {
+        Some((p, t)) if !Path::new(spec).is_file() && !p.is_empty() && !t.is_empty() => {
+            (p, Some(t))
+        }
+        _ => (spec, None),
+    };
+    let file = EmbeddingFile::open(Path::new(path), token)
+        .with_context(|| format!("--embedding {spec}"))?;
+    Ok(std::sync::Arc::new(file))
+}
+
+/// What --model / --refiner name.
+enum ModelSource {
+    /// A diffusers folder (local, or a hub snapshot).
+    Folder(PathBuf),
+    /// A single-file checkpoint.
+    File(PathBuf),
+}
+
+impl ModelSource {
+    fn resolve(m: &str, variant: Option<&str>, hub: &HubConfig) -> Result<Self> {
+        let p = Path::new(m);
+        if p.is_file() {
+            return Ok(Self::File(p.to_path_buf()));
+        }
+        let ext = p
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        if matches!(
+            ext.as_deref(),
+            Some("safetensors" | "ckpt" | "pt" | "pth" | "bin")
+        ) {
+            bail!("{m}: no such checkpoint file");
+        }
+        Ok(Self::Folder(resolve_model(m, variant, hub)?))
+    }
+
+    /// Loads the model (as the SDXL refiner of `base` when given).
+    fn load(
+        &self,
+        opts: &LoadOptions,
+        sf: &SingleFileOptions,
+        base: Option<&StableDiffusion>,
+    ) -> Result<StableDiffusion> {
+        match self {
+            Self::Folder(dir) => {
+                let mut sd = match base {
+                    None => StableDiffusion::load(dir, opts),
+                    Some(b) => StableDiffusion::load_refiner(dir, b, opts),
+                }
+                .with_context(|| format!("loading {}", dir.display()))?;
+                if sf.prediction_type.is_some() {
+                    sd.set_prediction_type(sf.prediction_type);
+                }
+                Ok(sd)
+            }
+            Self::File(file) => match base {
+                None => StableDiffusion::load_single_file(file, opts, sf),
+                Some(b) => StableDiffusion::load_single_file_refiner(file, b, opts, sf),
+            }
+            .with_context(|| format!("loading {}", file.display())),
+        }
+    }
 }
 
 /// diffusers' call defaults: 50 steps; guidance 7.5 (SD) or 5.0 (SDXL).

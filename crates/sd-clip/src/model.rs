@@ -157,6 +157,34 @@ impl ClipTextModel {
         })
     }
 
+    /// A copy with `rows` `[n, hidden]` appended to the token embedding for the new token ids
+    /// `ids` (textual inversion; the ids must continue the vocabulary: `vocab_size..+n`).
+    pub fn with_extra_token_embeddings(&self, ids: &[u32], rows: &Tensor) -> Result<Self> {
+        let (n, d) = rows.dims2()?;
+        let hidden = self.config.hidden_size;
+        if d != hidden {
+            return Err(Error::invalid_argument(
+                "embedding width",
+                d,
+                format!("{hidden}, the text encoder's hidden size"),
+            ));
+        }
+        let vocab = self.token_embedding.dim(0)?;
+        let expected: Vec<u32> = (vocab..vocab + n).map(|i| i as u32).collect();
+        if ids != expected.as_slice() {
+            return Err(Error::invalid_argument(
+                "embedding token ids",
+                format!("{ids:?}"),
+                format!("{expected:?}, the rows after the {vocab}-token vocabulary"),
+            ));
+        }
+        let rows = rows.to_dtype(self.dtype)?.to_device(&self.device)?;
+        let mut out = self.clone();
+        out.token_embedding = Tensor::cat(&[&self.token_embedding, &rows], 0)?;
+        out.config.vocab_size = vocab + n;
+        Ok(out)
+    }
+
     /// The resolved config (`projection_dim` is `Some` exactly when `text_projection` exists).
     pub fn config(&self) -> &ClipTextConfig {
         &self.config

@@ -118,6 +118,8 @@ pub struct ClipTokenizer {
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
+    /// Textual-inversion tokens of several vectors: `tok` -> the ids of `tok tok_1 …`.
+    expansions: std::collections::HashMap<u32, Vec<u32>>,
 }
 
 fn config_err(path: &Path, key: &str, reason: impl Into<String>) -> Error {
@@ -242,7 +244,51 @@ impl ClipTokenizer {
             bos_id,
             eos_id,
             pad_id,
+            expansions: Default::default(),
         })
+    }
+
+    /// A copy with a textual-inversion token of `vectors` vectors: `token`, `token_1`, …
+    /// added as ordinary tokens (transformers' `add_tokens`, as diffusers'
+    /// `load_textual_inversion`), `token` in a prompt standing for all of them (diffusers'
+    /// `maybe_convert_prompt`). Returns the new ids; a token the tokenizer already has is
+    /// refused, as diffusers does.
+    pub fn with_embedding_tokens(&self, token: &str, vectors: usize) -> Result<(Self, Vec<u32>)> {
+        let names: Vec<String> = (0..vectors)
+            .map(|i| {
+                if i == 0 {
+                    token.to_owned()
+                } else {
+                    format!("{token}_{i}")
+                }
+            })
+            .collect();
+        if let Some(n) = names
+            .iter()
+            .find(|n| self.tokenizer.token_to_id(n).is_some())
+        {
+            return Err(Error::invalid_argument(
+                "embedding token",
+                n,
+                "a token the tokenizer does not have yet (name the embedding with PATH:TOKEN)",
+            ));
+        }
+        let mut t = self.clone();
+        t.tokenizer
+            .add_tokens(names.iter().map(|n| AddedToken::from(n.clone(), false)))
+            .map_err(|e| Error::invalid_argument("embedding token", token, e.to_string()))?;
+        let ids = names
+            .iter()
+            .map(|n| {
+                t.tokenizer.token_to_id(n).ok_or_else(|| {
+                    Error::invalid_argument("embedding token", n, "a token the tokenizer accepts")
+                })
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        if let (Some(&first), true) = (ids.first(), ids.len() > 1) {
+            t.expansions.insert(first, ids.clone());
+        }
+        Ok((t, ids))
     }
 
     /// The padded sequence length (77 for every CLIP tokenizer of SD 1.x/2.x/SDXL).
@@ -276,7 +322,17 @@ impl ClipTokenizer {
             .tokenizer
             .encode_fast(prompt, false)
             .map_err(|e| Error::invalid_argument("prompt", format!("{prompt:?}"), e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        if self.expansions.is_empty() {
+            return Ok(enc.get_ids().to_vec());
+        }
+        Ok(enc
+            .get_ids()
+            .iter()
+            .flat_map(|id| match self.expansions.get(id) {
+                Some(ids) => ids.clone(),
+                None => vec![*id],
+            })
+            .collect())
     }
 
     /// `prompt` as the pipelines feed it: bos, the first `model_max_length - 2` content tokens,

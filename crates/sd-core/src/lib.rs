@@ -7,11 +7,13 @@ pub mod config;
 pub mod error;
 pub mod noise;
 pub mod testing;
+pub mod transform;
 pub mod weights;
 
 pub use candle_core;
 pub use error::{Error, LoadReport, Result};
 pub use noise::{NoiseSource, RecordedNoise, TorchGenerator};
+pub use transform::{Derive, Mapped, WeightMap};
 pub use weights::{
     component_var_builder, resolve_weight_files, LoadOptions, VarBuilder, WeightFiles,
 };

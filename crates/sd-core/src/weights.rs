@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::error::{Error, LoadReport, Result};
+use crate::transform::WeightMap;
 
 /// Tensor-name suffixes that checkpoints carry but models never read (buffers saved by
 /// older library versions). They are not reported as unused.
@@ -318,6 +319,8 @@ fn check_offsets(buf: &[u8]) -> std::result::Result<(), String> {
 enum Source {
     /// Real weights from safetensors files.
     Files(WeightFiles),
+    /// Foreign weights seen through our names (renamed, derived, with deltas).
+    Mapped(WeightMap),
     /// Zero-cost placeholders (a broadcast scalar): to build a model only to list its parameters.
     Zeros,
     /// Deterministic pseudo-random values, scaled for stable activations: for benchmarks.
@@ -353,6 +356,7 @@ impl VarBuilder {
     fn new(source: Source, dtype: DType, device: &Device) -> Self {
         let files = match &source {
             Source::Files(w) => w.paths.clone(),
+            Source::Mapped(m) => m.report_files(),
             _ => vec![],
         };
         Self {
@@ -373,6 +377,12 @@ impl VarBuilder {
     /// Loads from memory-mapped safetensors files, converting every tensor to `dtype`.
     pub fn from_files(files: WeightFiles, dtype: DType, device: &Device) -> Self {
         Self::new(Source::Files(files), dtype, device)
+    }
+
+    /// Loads through a [`WeightMap`] (renamed and derived tensors of a foreign layout), converting
+    /// every tensor to `dtype`; the load report names the file's own keys.
+    pub fn from_map(map: WeightMap, dtype: DType, device: &Device) -> Self {
+        Self::new(Source::Mapped(map), dtype, device)
     }
 
     /// Opens and memory-maps `paths`, then behaves as [`VarBuilder::from_files`].
@@ -426,6 +436,7 @@ impl VarBuilder {
     pub fn contains(&self, name: &str) -> bool {
         match &self.shared.source {
             Source::Files(w) => w.entries.contains_key(&self.path(name)),
+            Source::Mapped(m) => matches!(m.shape(&self.path(name)), Ok(Some(_))),
             _ => false,
         }
     }
@@ -470,20 +481,77 @@ impl VarBuilder {
                     }
                     Some(_) => {
                         drop(report);
-                        match w.load(&full, self.shared.dtype, &self.shared.device) {
-                            Ok(t) => Ok(t),
-                            Err(err) => {
-                                self.shared
-                                    .report
-                                    .lock()
-                                    .expect("invariant: lock not poisoned")
-                                    .unreadable
-                                    .push((full, err.to_string()));
-                                placeholder()
-                            }
-                        }
+                        self.load_or_record(&full, dims, || {
+                            w.load(&full, self.shared.dtype, &self.shared.device)
+                        })
                     }
                 }
+            }
+            Source::Mapped(m) => {
+                let shown = |key: &str| {
+                    if key == full {
+                        full.clone()
+                    } else {
+                        format!("{key} (as {full})")
+                    }
+                };
+                let key = m.get(&full).map(|e| e.key.clone());
+                let mut report = self
+                    .shared
+                    .report
+                    .lock()
+                    .expect("invariant: lock not poisoned");
+                match (m.shape(&full), key) {
+                    (Ok(None), _) | (_, None) => {
+                        report.missing.push((full, dims, None));
+                        drop(report);
+                        placeholder()
+                    }
+                    (Err(why), Some(key)) => {
+                        report
+                            .unreadable
+                            .push((shown(&key), format!("cannot derive {why}")));
+                        drop(report);
+                        placeholder()
+                    }
+                    (Ok(Some(s)), Some(key)) if s != dims => {
+                        report.wrong_shape.push((shown(&key), dims, s));
+                        drop(report);
+                        placeholder()
+                    }
+                    (Ok(Some(_)), Some(key)) => {
+                        drop(report);
+                        let name = shown(&key);
+                        self.load_or_record(&name, dims, || {
+                            m.load(&full, self.shared.dtype, &self.shared.device)
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `load`; a failure is recorded as unreadable under `name` and a placeholder of
+    /// shape `dims` returned.
+    fn load_or_record(
+        &self,
+        name: &str,
+        dims: Vec<usize>,
+        load: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match load() {
+            Ok(t) => Ok(t),
+            Err(err) => {
+                self.shared
+                    .report
+                    .lock()
+                    .expect("invariant: lock not poisoned")
+                    .unreadable
+                    .push((name.to_owned(), err.to_string()));
+                Ok(
+                    Tensor::zeros((), self.shared.dtype, &self.shared.device)?
+                        .broadcast_as(dims)?,
+                )
             }
         }
     }
@@ -520,9 +588,6 @@ impl VarBuilder {
     /// Ends loading: `Ok` when every tensor was found with the right shape and every tensor in
     /// the files was used; otherwise one [`Error::Weights`] listing every problem.
     pub fn finish(&self) -> Result<()> {
-        let Source::Files(w) = &self.shared.source else {
-            return Ok(());
-        };
         let requested: HashSet<String> = self.requested().into_iter().map(|(n, _)| n).collect();
         let mut report = self
             .shared
@@ -530,20 +595,53 @@ impl VarBuilder {
             .lock()
             .expect("invariant: lock not poisoned")
             .clone();
-        let mut unused: Vec<String> = w
-            .entries
-            .keys()
-            .filter(|k| !requested.contains(*k))
-            .filter(|k| !BENIGN_EXTRAS.iter().any(|b| k.ends_with(b)))
-            .cloned()
-            .collect();
-        unused.sort();
-        if report.missing.len() <= 64 {
-            for (name, _, hint) in report.missing.iter_mut() {
-                *hint = nearest(name, &unused);
+        let benign = |k: &String| !BENIGN_EXTRAS.iter().any(|b| k.ends_with(b));
+        match &self.shared.source {
+            Source::Files(w) => {
+                let mut unused: Vec<String> = w
+                    .entries
+                    .keys()
+                    .filter(|k| !requested.contains(*k))
+                    .filter(|k| benign(k))
+                    .cloned()
+                    .collect();
+                unused.sort();
+                if report.missing.len() <= 64 {
+                    for (name, _, hint) in report.missing.iter_mut() {
+                        *hint = nearest(name, &unused);
+                    }
+                }
+                report.unused = unused;
             }
+            Source::Mapped(m) => {
+                let used: HashSet<&str> = requested
+                    .iter()
+                    .filter_map(|n| m.get(n).map(|e| e.key.as_str()))
+                    .collect();
+                let unused: Vec<String> = m
+                    .owned()
+                    .filter(|k| !used.contains(k))
+                    .map(str::to_owned)
+                    .filter(benign)
+                    .collect();
+                // Hints compare our names: the unrequested model names whose file key is unused.
+                let spare: Vec<String> = m
+                    .names()
+                    .filter(|n| !requested.contains(*n))
+                    .map(str::to_owned)
+                    .collect();
+                if report.missing.len() <= 64 {
+                    for (name, _, hint) in report.missing.iter_mut() {
+                        *hint = nearest(name, &spare).map(|n| match m.get(&n) {
+                            Some(e) if e.key != n => format!("{} (as {n})", e.key),
+                            _ => n,
+                        });
+                    }
+                }
+                report.unused = unused;
+            }
+            _ => return Ok(()),
         }
-        report.unused = unused;
         if report.is_ok() {
             Ok(())
         } else {

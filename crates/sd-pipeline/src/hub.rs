@@ -99,7 +99,39 @@ pub fn resolve_model(model: &str, variant: Option<&str>, hub: &HubConfig) -> Res
             ),
         ));
     }
-    download(model, variant, hub)
+    download_files(model, variant, hub, true)
+}
+
+/// A diffusers folder (or hub id) used only for its configs, tokenizers and scheduler config
+/// (`sd --config` with a single-file checkpoint): a local folder as is; a hub id from the cache,
+/// downloading the config files only (no weights) unless offline.
+pub fn resolve_config(model: &str, hub: &HubConfig) -> Result<PathBuf> {
+    let p = Path::new(model);
+    if p.is_dir() {
+        return Ok(p.to_path_buf());
+    }
+    if !is_hub_id(model) {
+        return Err(Error::io(
+            p,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such config folder (and not a hub id of the form `org/name`)",
+            ),
+        ));
+    }
+    if let Some(dir) = cached_snapshot(model, hub)? {
+        return Ok(dir);
+    }
+    if hub.offline {
+        return Err(Error::io(
+            repo_cache_dir(model, hub),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("HF_HUB_OFFLINE is set and `{model}` is not in the Hugging Face cache"),
+            ),
+        ));
+    }
+    download_files(model, None, hub, false)
 }
 
 fn repo_cache_dir(model: &str, hub: &HubConfig) -> PathBuf {
@@ -199,7 +231,12 @@ pub fn needed_files(
     out
 }
 
-fn download(model: &str, variant: Option<&str>, hub: &HubConfig) -> Result<PathBuf> {
+fn download_files(
+    model: &str,
+    variant: Option<&str>,
+    hub: &HubConfig,
+    weights: bool,
+) -> Result<PathBuf> {
     use hf_hub::api::sync::ApiBuilder;
     let hub_err = |e: hf_hub::api::sync::ApiError| {
         Error::io(
@@ -226,6 +263,9 @@ fn download(model: &str, variant: Option<&str>, hub: &HubConfig) -> Result<PathB
     let index = crate::model_index::ModelIndex::read(&dir)?;
     let comps: Vec<String> = index.components.keys().cloned().collect();
     for f in needed_files(&siblings, &comps, variant) {
+        if !weights && f.ends_with(".safetensors") {
+            continue;
+        }
         repo.get(&f).map_err(hub_err)?;
     }
     Ok(dir)

@@ -1,7 +1,7 @@
 //! sd-rs pipelines: text-to-image, image-to-image and the SDXL base + refiner ensemble.
 //!
 //! Thin by design: [`StableDiffusion`] loads a diffusers folder (or a Hugging Face hub id, see
-//! [`hub`]) into the component crates and runs diffusers' pipeline steps, each a public method
+//! [`hub`], or a single-file checkpoint, [`StableDiffusion::load_single_file`]) into the component crates and runs diffusers' pipeline steps, each a public method
 //! (`encode_prompt`, `prepare_latents`, `denoise`, `decode_latents`); all model maths lives in
 //! sd-clip, sd-unet, sd-vae and sd-schedulers, which are re-exported.
 //!
@@ -21,21 +21,27 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+mod embedding;
 pub mod hub;
 pub mod image;
+mod lora;
 pub mod model_index;
 mod pipeline;
 pub mod request;
+mod single_file;
 
+pub use lora::LoraOptions;
 pub use model_index::{ModelFamily, ModelIndex};
 pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
 pub use request::{
     Flow, GenerateRequest, Init, MicroConditioning, OutputType, PromptEmbeds, PromptSyntax,
     SchedulerKind, StepInfo, MAX_BATCH,
 };
+pub use single_file::SingleFileOptions;
 
 pub use sd_clip as clip;
 pub use sd_core as core;
+pub use sd_formats as formats;
 pub use sd_schedulers as schedulers;
 pub use sd_unet as unet;
 pub use sd_vae as vae;

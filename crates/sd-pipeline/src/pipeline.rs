@@ -9,12 +9,14 @@ use candle_core::{DType, Device, Tensor, D};
 use sd_clip::prompt_syntax::{prompt_schedule, A1111Prompt, ScheduledPrompt};
 use sd_clip::{ClipTextModel, ClipTokenizer, PromptEncoder, PromptSyntax};
 use sd_core::{Error, LoadOptions, NoiseSource, Result};
-use sd_schedulers::{Scheduler, SchedulerKind};
+use sd_schedulers::{PredictionType, Scheduler, SchedulerKind};
 use sd_unet::{AddedCond, UNet2DConditionModel};
 use sd_vae::AutoencoderKL;
 
 use crate::model_index::{ModelFamily, ModelIndex};
 use crate::request::{Flow, GenerateRequest, Init, OutputType, StepInfo, MAX_BATCH};
+use crate::single_file::{self, ComponentSource, Weights};
+use sd_formats::LoraFile;
 
 /// A loaded diffusers model folder: text conditioning, UNet, VAE and scheduler config.
 /// Components are held in `Arc`s so pipelines can share them (the SDXL refiner shares the
@@ -32,7 +34,27 @@ pub struct StableDiffusion {
     /// `model_index.json`.
     pub index: ModelIndex,
     scheduler_config: PathBuf,
+    /// Overrides the scheduler config's `prediction_type` (single-file SD 2.x checkpoints).
+    prediction_type: Option<PredictionType>,
+    /// The base weights of the UNet and text encoders, kept memory-mapped so that LoRAs can be
+    /// applied and removed without reading the files again.
+    pub(crate) sources: Arc<Sources>,
+    /// The LoRAs applied (file, strength), in order.
+    pub(crate) loras: Vec<(Arc<LoraFile>, f64)>,
+    /// The textual-inversion embeddings added, in order.
+    pub(crate) embeddings: Vec<Arc<sd_formats::EmbeddingFile>>,
+    /// `text` without the embeddings (LoRA changes rebuild from it).
+    pub(crate) text_plain: Arc<PromptEncoder>,
     device: Device,
+}
+
+/// The base weights of the components LoRAs can change.
+#[derive(Debug, Default)]
+pub(crate) struct Sources {
+    /// The UNet's.
+    pub unet: Option<ComponentSource>,
+    /// The text encoders this model loaded (not those shared from a base), by component name.
+    pub text: std::collections::BTreeMap<String, ComponentSource>,
 }
 
 impl std::fmt::Debug for StableDiffusion {
@@ -100,6 +122,17 @@ impl StableDiffusion {
         opts: &LoadOptions,
         base: Option<&StableDiffusion>,
     ) -> Result<Self> {
+        Self::load_from(dir, &Weights::Folder, opts, base)
+    }
+
+    /// Loads a model whose configs, tokenizers and scheduler config are in the diffusers folder
+    /// `dir` and whose weights come from `weights` (that folder, or a single-file checkpoint).
+    pub(crate) fn load_from(
+        dir: &Path,
+        weights: &Weights<'_>,
+        opts: &LoadOptions,
+        base: Option<&StableDiffusion>,
+    ) -> Result<Self> {
         let index = ModelIndex::read(dir)?;
         let family = index.family()?;
         for required in ["unet", "vae", "scheduler"] {
@@ -111,8 +144,12 @@ impl StableDiffusion {
                 ));
             }
         }
+        let sources = std::cell::RefCell::new(Sources::default());
         let load_te = |name: &str| -> Result<Arc<ClipTextModel>> {
-            Ok(Arc::new(ClipTextModel::load(&component(dir, name)?, opts)?))
+            let cdir = component(dir, name)?;
+            let (source, model) = single_file::text_encoder(weights, &cdir, name, opts)?;
+            sources.borrow_mut().text.insert(name.to_owned(), source);
+            Ok(Arc::new(model))
         };
         let load_tok = |name: &str| -> Result<Arc<ClipTokenizer>> {
             Ok(Arc::new(ClipTokenizer::from_folder(&component(
@@ -138,19 +175,34 @@ impl StableDiffusion {
                 PromptEncoder::refiner(load_tok("tokenizer_2")?, te2("text_encoder_2")?)?
             }
         };
-        let unet = Arc::new(UNet2DConditionModel::load(&component(dir, "unet")?, opts)?);
+        let (unet_source, unet) = single_file::unet(weights, &component(dir, "unet")?, opts)?;
+        let unet = Arc::new(unet);
+        let mut sources = sources.into_inner();
+        sources.unet = Some(unet_source);
         let vae = match base {
             Some(b) => b.vae.clone(),
-            None => Arc::new(AutoencoderKL::load(&component(dir, "vae")?, opts)?),
+            None => {
+                let vae_dir = component(dir, "vae")?;
+                Arc::new(match weights {
+                    Weights::Folder => AutoencoderKL::load(&vae_dir, opts)?,
+                    Weights::SingleFile(ck) => single_file::vae(ck, &vae_dir, opts)?,
+                })
+            }
         };
         let scheduler_config = component(dir, "scheduler")?.join("scheduler_config.json");
+        let text = Arc::new(text);
         let sd = Self {
             family,
-            text: Arc::new(text),
+            text_plain: text.clone(),
+            text,
             unet,
             vae,
             index,
             scheduler_config,
+            prediction_type: None,
+            sources: Arc::new(sources),
+            loras: Vec::new(),
+            embeddings: Vec::new(),
             device: opts.device.clone(),
         };
         sd.check_consistency()?;
@@ -188,7 +240,54 @@ impl StableDiffusion {
     /// A fresh scheduler: the model's own (`scheduler/scheduler_config.json`), or `kind` built
     /// from the same config as diffusers' `from_config`.
     pub fn scheduler(&self, kind: Option<SchedulerKind>) -> Result<Box<dyn Scheduler>> {
-        sd_schedulers::from_config_file(&self.scheduler_config, kind)
+        match self.prediction_type {
+            None => sd_schedulers::from_config_file(&self.scheduler_config, kind),
+            Some(p) => {
+                let json = self.scheduler_json(p)?;
+                sd_schedulers::from_config_json(&json, &self.scheduler_config, kind)
+            }
+        }
+    }
+
+    /// The scheduler kind the model's own config names (`_class_name`).
+    pub fn own_scheduler_kind(&self) -> Result<SchedulerKind> {
+        let json = match self.prediction_type {
+            None => std::fs::read_to_string(&self.scheduler_config)
+                .map_err(|e| Error::io(&self.scheduler_config, e))?,
+            Some(p) => self.scheduler_json(p)?,
+        };
+        Ok(sd_schedulers::resolve_config_json(&json, &self.scheduler_config, None)?.kind)
+    }
+
+    /// The model's prediction type: the override, or the scheduler config's.
+    pub fn prediction_type(&self) -> Result<PredictionType> {
+        match self.prediction_type {
+            Some(p) => Ok(p),
+            None => {
+                let json = std::fs::read_to_string(&self.scheduler_config)
+                    .map_err(|e| Error::io(&self.scheduler_config, e))?;
+                Ok(
+                    sd_schedulers::resolve_config_json(&json, &self.scheduler_config, None)?
+                        .prediction_type,
+                )
+            }
+        }
+    }
+
+    /// Sets the prediction type every scheduler of this model is built with, overriding the
+    /// scheduler config's `prediction_type` (`None` restores the config's).
+    pub fn set_prediction_type(&mut self, p: Option<PredictionType>) {
+        self.prediction_type = p;
+    }
+
+    fn scheduler_json(&self, p: PredictionType) -> Result<String> {
+        let path = &self.scheduler_config;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut v: serde_json::Value = sd_core::config::parse_json(&text, path)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("prediction_type".to_owned(), p.as_str().into());
+        }
+        Ok(v.to_string())
     }
 
     /// The dtype the model computes in (the UNet's).
