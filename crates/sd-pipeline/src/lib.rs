@@ -23,10 +23,12 @@
 
 pub mod hub;
 pub mod image;
+mod infotext;
 pub mod model_index;
 mod pipeline;
 pub mod request;
 
+pub use infotext::Infotext;
 pub use model_index::{ModelFamily, ModelIndex};
 pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
 pub use request::{
@@ -39,3 +41,11 @@ pub use sd_core as core;
 pub use sd_schedulers as schedulers;
 pub use sd_unet as unet;
 pub use sd_vae as vae;
+
+/// The pipeline is shared across threads (`sd serve` runs it on a worker thread while the HTTP
+/// side reads its model info): this fails to compile if a component stops being `Send + Sync`.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<StableDiffusion>();
+    assert_send_sync::<GenerateRequest>();
+};
