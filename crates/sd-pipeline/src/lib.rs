@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+mod ensemble;
 pub mod hub;
 pub mod image;
 mod infotext;
@@ -28,6 +29,7 @@ pub mod model_index;
 mod pipeline;
 pub mod request;
 
+pub use ensemble::Ensemble;
 pub use infotext::Infotext;
 pub use model_index::{ModelFamily, ModelIndex};
 pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
