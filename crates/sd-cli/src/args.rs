@@ -34,6 +34,10 @@ pub struct Serve {
     /// A diffusers folder or a Hugging Face hub id. Without it, the built-in demo model.
     #[arg(long)]
     pub model: Option<String>,
+    /// An SDXL refiner (folder or hub id), used by requests whose `refiner_checkpoint` names it
+    /// (as given here), from `refiner_switch_at` (default 0.8) of the steps.
+    #[arg(long)]
+    pub refiner: Option<String>,
     /// Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the
     /// network (use --api-auth then).
     #[arg(long, default_value = "127.0.0.1")]

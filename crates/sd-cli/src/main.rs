@@ -15,8 +15,8 @@ use sd_pipeline::core::candle_core::{DType, Device, Tensor};
 use sd_pipeline::core::{LoadOptions, TorchGenerator};
 use sd_pipeline::hub::{resolve_model, HubConfig};
 use sd_pipeline::{
-    Flow, GenerateRequest, Infotext, Init, OutputType, PromptSyntax, SchedulerKind,
-    StableDiffusion, StepInfo,
+    Ensemble, Flow, GenerateRequest, Infotext, Init, PromptSyntax, SchedulerKind, StableDiffusion,
+    StepInfo,
 };
 
 use args::{Cli, Command, Common, DTypeArg, PromptSyntaxArg};
@@ -116,7 +116,14 @@ fn serve(s: &args::Serve) -> Result<()> {
     } else {
         default_settings(&sd)
     };
-    let model = sd_server::Model::new(sd, name, &dir, defaults.steps, defaults.guidance)?;
+    let mut model = sd_server::Model::new(sd, name, &dir, defaults.steps, defaults.guidance)?;
+    if let Some(r) = &s.refiner {
+        let rdir = resolve_model(r, s.variant.as_deref(), &HubConfig::from_env())?;
+        eprintln!("loading refiner {} ...", rdir.display());
+        let refiner = StableDiffusion::load_refiner(&rdir, &model.sd, &opts)
+            .with_context(|| format!("loading refiner {}", rdir.display()))?;
+        model = model.with_refiner(refiner, r.clone())?;
+    }
     let config = sd_server::ServerConfig {
         host: s.host.clone(),
         port: s.port,
@@ -275,28 +282,11 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
             let rdir = resolve_model(r, c.variant.as_deref(), &hub)?;
             let refiner = StableDiffusion::load_refiner(&rdir, &sd, &opts)
                 .with_context(|| format!("loading refiner {}", rdir.display()))?;
-            if refiner.unet.config().in_channels != sd.unet.config().in_channels {
-                bail!(
-                    "the refiner's UNet takes {} latent channels, the base produces {}",
-                    refiner.unet.config().in_channels,
-                    sd.unet.config().in_channels
-                );
-            }
-            let mut base_req = req.clone();
-            base_req.denoising_end = Some(f);
-            base_req.output = OutputType::Latents;
-            bar.set_message("base");
-            let base_out = sd.generate(&base_req, &mut noise, &mut on_step)?;
-            // Same prompts, steps and images per prompt; the refiner continues the base's latents.
-            let mut ref_req = req.clone();
-            ref_req.init = Init::Continue {
-                latents: base_out.latents,
-                denoising_start: f,
-            };
-            bar.set_message("refiner");
-            bar.reset();
+            let ensemble = Ensemble::new(&sd, &refiner, f)?;
+            // The bar restarts when the refiner takes over (each run reports its own steps).
+            bar.set_message("base, then refiner");
             (
-                refiner.generate(&ref_req, &mut noise, &mut on_step)?,
+                ensemble.generate(&req, &mut noise, &mut on_step)?,
                 Some((r.clone(), f)),
             )
         }

@@ -50,6 +50,15 @@ fn serve(args: &[&str]) -> (Serve, String) {
     (server, url)
 }
 
+/// POSTs JSON and returns the 200 answer; any other status fails with its body.
+fn post_json(url: &str, body: serde_json::Value) -> serde_json::Value {
+    match ureq::post(url).send_json(body) {
+        Ok(r) => r.into_json().unwrap(),
+        Err(ureq::Error::Status(s, r)) => panic!("{s}: {}", r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 #[test]
 fn serve_returns_the_png_txt2img_writes() {
     let model = sd1();
@@ -65,11 +74,7 @@ fn serve_returns_the_png_txt2img_writes() {
         "height": 64,
         "override_settings": {"CLIP_stop_at_last_layers": 2},
     });
-    let v: serde_json::Value = ureq::post(&format!("{url}/sdapi/v1/txt2img"))
-        .send_json(body)
-        .unwrap()
-        .into_json()
-        .unwrap();
+    let v = post_json(&format!("{url}/sdapi/v1/txt2img"), body);
     let png = base64::engine::general_purpose::STANDARD
         .decode(v["images"][0].as_str().unwrap())
         .unwrap();
@@ -117,6 +122,70 @@ fn serve_returns_the_png_txt2img_writes() {
             .unwrap(),
     );
     assert!(health.contains("\"ok\""), "{health}");
+}
+
+fn fixture(name: &str) -> String {
+    root()
+        .join("tests/fixtures/models")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn serve_runs_the_sdxl_ensemble_as_txt2img_refiner_does() {
+    let (base, refiner) = (fixture("sdxl"), fixture("refiner"));
+    let (_server, url) = serve(&["--model", &base, "--refiner", &refiner]);
+    let body = serde_json::json!({
+        "prompt": "a lighthouse in a storm",
+        "negative_prompt": "calm",
+        "steps": 10,
+        "seed": 41,
+        "cfg_scale": 5,
+        "width": 64,
+        "height": 64,
+        "refiner_checkpoint": refiner,
+        "refiner_switch_at": 0.8,
+    });
+    let v = post_json(&format!("{url}/sdapi/v1/txt2img"), body);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["images"][0].as_str().unwrap())
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ens.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_sd"))
+        .args([
+            "txt2img",
+            "--model",
+            &base,
+            "--refiner",
+            &refiner,
+            "--high-noise-frac",
+            "0.8",
+            "--prompt",
+            "a lighthouse in a storm",
+            "--negative-prompt",
+            "calm",
+            "--steps",
+            "10",
+            "--guidance",
+            "5",
+            "--seed",
+            "41",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--output",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        png == std::fs::read(&out).unwrap(),
+        "the API's PNG differs from the CLI's"
+    );
 }
 
 #[test]

@@ -50,9 +50,10 @@ pub struct GenerationRequest {
     pub override_settings: Map<String, Value>,
     /// Accepted and ignored (overrides never outlive the request here).
     pub override_settings_restore_afterwards: bool,
-    /// SDXL refiner (not supported by the server yet: must be absent).
+    /// SDXL refiner: must name the refiner `sd serve --refiner` loaded; absent or empty: the
+    /// base alone.
     pub refiner_checkpoint: Option<String>,
-    /// Refiner switch point.
+    /// The fraction of the steps the base runs before the refiner takes over (default 0.8).
     pub refiner_switch_at: Option<f64>,
     /// Return the images (default true).
     pub send_images: bool,
@@ -132,16 +133,6 @@ impl GenerationRequest {
         }
         if self.enable_hr {
             return Some(("enable_hr", "hires fix is not supported"));
-        }
-        if self
-            .refiner_checkpoint
-            .as_deref()
-            .is_some_and(|s| !s.is_empty())
-        {
-            return Some((
-                "refiner_checkpoint",
-                "the SDXL refiner is not served yet (the `sd` CLI has --refiner)",
-            ));
         }
         if self.script_name.as_deref().is_some_and(|s| !s.is_empty()) {
             return Some(("script_name", "scripts are not supported"));

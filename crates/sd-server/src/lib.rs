@@ -54,6 +54,9 @@ pub struct Model {
     pub default_cfg: f64,
     /// The model's own scheduler (used when a request names no sampler).
     pub scheduler: SchedulerKind,
+    /// An SDXL refiner (loaded with [`StableDiffusion::load_refiner`]) and its name, used when
+    /// a request names it in `refiner_checkpoint`.
+    pub refiner: Option<(StableDiffusion, String)>,
 }
 
 impl Model {
@@ -73,7 +76,20 @@ impl Model {
             default_steps,
             default_cfg,
             scheduler,
+            refiner: None,
         })
+    }
+
+    /// Adds an SDXL refiner (the base + refiner ensemble), named `name` in requests and
+    /// infotexts; its UNet must take the base's latent channels.
+    pub fn with_refiner(
+        mut self,
+        refiner: StableDiffusion,
+        name: impl Into<String>,
+    ) -> Result<Self> {
+        sd_pipeline::Ensemble::new(&self.sd, &refiner, 0.8)?;
+        self.refiner = Some((refiner, name.into()));
+        Ok(self)
     }
 
     /// AUTOMATIC1111's checkpoint title (its name; sd-rs computes no hash).

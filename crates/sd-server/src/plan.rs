@@ -49,6 +49,8 @@ pub struct Plan {
     pub sampler_name: String,
     /// Images per batch and batches, as asked.
     pub batch_size: usize,
+    /// The SDXL ensemble: the fraction of the steps the base runs before the refiner.
+    pub refiner_switch_at: Option<f64>,
 }
 
 /// Server-wide settings a request may override (`/sdapi/v1/options`).
@@ -221,6 +223,33 @@ pub fn plan(
             ));
         }
     }
+    let refiner_switch_at = match req.refiner_checkpoint.as_deref().map(str::trim) {
+        None | Some("") | Some("None") => None,
+        Some(name) => {
+            let Some((_, loaded)) = &model.refiner else {
+                return Err(ApiError::invalid(
+                    "refiner_checkpoint",
+                    format!("{name:?}: this server has no refiner loaded (sd serve --refiner)"),
+                ));
+            };
+            if name != loaded {
+                return Err(ApiError::invalid(
+                    "refiner_checkpoint",
+                    format!("{name:?}: the loaded refiner is {loaded:?}"),
+                ));
+            }
+            let f = req.refiner_switch_at.unwrap_or(0.8);
+            if !(f > 0.0 && f < 1.0) {
+                return Err(ApiError::invalid(
+                    "refiner_switch_at",
+                    format!(
+                        "refiner_switch_at = {f}: expected a fraction strictly between 0 and 1"
+                    ),
+                ));
+            }
+            Some(f)
+        }
+    };
     // Prompt syntax errors are the request's: catch them before queueing.
     let parsed = sd_pipeline::clip::prompt_syntax::A1111Prompt::parse(&req.prompt, steps)
         .map_err(|e| ApiError::from(e).with_field("prompt"))?;
@@ -335,6 +364,9 @@ pub fn plan(
     if mode == Mode::Img2Img {
         info.denoising_strength = Some(strength);
     }
+    if let (Some(f), Some((_, name))) = (refiner_switch_at, &model.refiner) {
+        info.refiner = Some((name.clone(), f));
+    }
 
     let include_init = if mode == Mode::Img2Img && req.include_init_images {
         req.init_images.clone()
@@ -377,5 +409,6 @@ pub fn plan(
         clip_skip,
         sampler_name,
         batch_size,
+        refiner_switch_at,
     })
 }

@@ -80,7 +80,11 @@ fn generate(model: &Model, job: &Job, queue: &Queue) -> Result<Value, ApiError> 
                 Flow::Continue
             }
         };
-        let out = model.sd.generate(&req, &mut noise, &mut on_step)?;
+        let out = match (plan.refiner_switch_at, &model.refiner) {
+            (Some(f), Some((refiner, _))) => sd_pipeline::Ensemble::new(&model.sd, refiner, f)?
+                .generate(&req, &mut noise, &mut on_step)?,
+            _ => model.sd.generate(&req, &mut noise, &mut on_step)?,
+        };
         if job.stopping() {
             break;
         }
