@@ -63,7 +63,8 @@ pub struct Serve {
     /// Largest request body, in MiB (img2img images are base64 in the body).
     #[arg(long, default_value_t = 64)]
     pub max_body_mb: usize,
-    /// Folder of further diffusers models, listed by /sdapi/v1/sd-models.
+    /// Folder of further diffusers models, listed by /sdapi/v1/sd-models; a request (or
+    /// /sdapi/v1/options) naming one in sd_model_checkpoint loads it once and keeps it loaded.
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
     /// Folder of LoRA files, listed by /sdapi/v1/loras (not applied yet).

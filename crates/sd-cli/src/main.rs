@@ -136,6 +136,7 @@ fn serve(s: &args::Serve) -> Result<()> {
             max_body_bytes: s.max_body_mb.saturating_mul(1 << 20),
         },
         models_dir: s.models_dir.clone(),
+        load_options: opts.clone(),
         lora_dir: s.lora_dir.clone(),
         embeddings_dir: s.embeddings_dir.clone(),
     };

@@ -23,6 +23,7 @@
 pub mod api;
 mod error;
 mod infotext_parse;
+mod models;
 pub mod plan;
 pub mod queue;
 mod routes;
@@ -32,11 +33,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sd_pipeline::core::{Error, Result};
+use sd_pipeline::core::{Error, LoadOptions, Result};
 use sd_pipeline::{SchedulerKind, StableDiffusion};
 
 pub use error::ApiError;
 pub use infotext_parse::parse_infotext;
+pub use models::Models;
 
 /// A loaded model and its generation defaults.
 #[derive(Debug)]
@@ -153,8 +155,11 @@ pub struct ServerConfig {
     pub api_auth: Option<(String, String)>,
     /// Request limits.
     pub limits: Limits,
-    /// Folder of further models, listed by `/sd-models`.
+    /// Folder of further diffusers models, listed by `/sd-models` and loaded (then kept) when a
+    /// request or `/options` names one in `sd_model_checkpoint`.
     pub models_dir: Option<PathBuf>,
+    /// How `--models-dir` models are loaded (dtype, device, variant).
+    pub load_options: LoadOptions,
     /// Folder of LoRA files, listed by `/loras`.
     pub lora_dir: Option<PathBuf>,
     /// Folder of textual-inversion embeddings, listed by `/embeddings`.
@@ -170,6 +175,7 @@ impl Default for ServerConfig {
             api_auth: None,
             limits: Limits::default(),
             models_dir: None,
+            load_options: LoadOptions::default(),
             lora_dir: None,
             embeddings_dir: None,
         }
@@ -212,16 +218,20 @@ impl Server {
             let _guard = runtime.enter();
             tokio::net::TcpListener::from_std(listener).map_err(bind_err)?
         };
-        let model = Arc::new(model);
+        let models = Arc::new(Models::new(
+            model,
+            config.models_dir.clone(),
+            config.load_options.clone(),
+        ));
         let queue = Arc::new(queue::Queue::new(config.queue));
         let worker = {
-            let (m, q) = (model.clone(), queue.clone());
+            let q = queue.clone();
             std::thread::Builder::new()
                 .name("sd-serve-worker".into())
-                .spawn(move || worker::run(m, q))
+                .spawn(move || worker::run(q))
                 .map_err(|e| Error::io(PathBuf::from("worker thread"), e))?
         };
-        let app = routes::router(routes::AppState::new(model, queue.clone(), config));
+        let app = routes::router(routes::AppState::new(models, queue.clone(), config));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         runtime.spawn(async move {
             let served = axum::serve(listener, app)

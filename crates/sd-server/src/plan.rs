@@ -2,6 +2,8 @@
 //! request's fault runs here, on the HTTP side, before the job is queued (so bad input gets its
 //! 4xx at once and never reaches the worker).
 
+use std::sync::Arc;
+
 use axum::http::StatusCode;
 use base64::Engine;
 use sd_pipeline::core::candle_core::{Device, Tensor};
@@ -11,7 +13,7 @@ use serde_json::Value;
 
 use crate::api::GenerationRequest;
 use crate::error::ApiError;
-use crate::{Limits, Model};
+use crate::{Limits, Model, Models};
 
 /// Which endpoint a request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub enum Mode {
 /// A validated request, ready for the worker.
 #[derive(Debug)]
 pub struct Plan {
+    /// The model to run.
+    pub model: Arc<Model>,
     /// txt2img or img2img.
     pub mode: Mode,
     /// The pipeline request for one image (the worker sets `init` per image).
@@ -136,12 +140,21 @@ pub fn scheduler_of(
 
 /// Validates `req` against the model and the server's limits.
 pub fn plan(
-    model: &Model,
+    models: &Models,
     limits: &Limits,
     options: &Options,
     mut req: GenerationRequest,
     mode: Mode,
 ) -> Result<Plan, ApiError> {
+    // The model first: the defaults below are its own.
+    let model = match req.override_settings.get("sd_model_checkpoint") {
+        None | Some(Value::Null) => models.current(),
+        Some(v) => models.get(
+            v.as_str().unwrap_or_default(),
+            "override_settings.sd_model_checkpoint",
+        )?,
+    };
+    let model = &model;
     if let Some((field, why)) = req.unsupported() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -210,19 +223,6 @@ pub fn plan(
             }
         },
     };
-    if let Some(v) = req.override_settings.get("sd_model_checkpoint") {
-        let name = v.as_str().unwrap_or_default();
-        if !model.answers_to(name) {
-            return Err(ApiError::invalid(
-                "override_settings.sd_model_checkpoint",
-                format!(
-                    "{v}: this server has one model loaded, {:?}; switching models is not \
-                     supported yet",
-                    model.title()
-                ),
-            ));
-        }
-    }
     let refiner_switch_at = match req.refiner_checkpoint.as_deref().map(str::trim) {
         None | Some("") | Some("None") => None,
         Some(name) => {
@@ -397,6 +397,7 @@ pub fn plan(
         }
     }
     Ok(Plan {
+        model: model.clone(),
         mode,
         request,
         init_images,

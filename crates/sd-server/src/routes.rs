@@ -19,21 +19,21 @@ use crate::api::{GenerationRequest, PngInfoRequest};
 use crate::error::ApiError;
 use crate::plan::{self, Mode, Options};
 use crate::queue::{self, Queue};
-use crate::{Model, ServerConfig};
+use crate::{Models, ServerConfig};
 
 /// What every handler sees.
 #[derive(Debug)]
 pub struct AppState {
-    model: Arc<Model>,
+    models: Arc<Models>,
     queue: Arc<Queue>,
     config: ServerConfig,
     options: Mutex<Options>,
 }
 
 impl AppState {
-    pub fn new(model: Arc<Model>, queue: Arc<Queue>, config: ServerConfig) -> Arc<Self> {
+    pub fn new(models: Arc<Models>, queue: Arc<Queue>, config: ServerConfig) -> Arc<Self> {
         Arc::new(Self {
-            model,
+            models,
             queue,
             config,
             options: Mutex::new(Options::default()),
@@ -173,7 +173,7 @@ async fn generate(
     // Validation decodes init images: off the async threads.
     let st = s.clone();
     let plan = tokio::task::spawn_blocking(move || {
-        plan::plan(&st.model, &st.config.limits, &st.options(), req, mode)
+        plan::plan(&st.models, &st.config.limits, &st.options(), req, mode)
     })
     .await
     .map_err(|e| ApiError::internal(format!("validating the request: {e}")))??;
@@ -300,7 +300,6 @@ fn has_ext(p: &Path, exts: &[&str]) -> bool {
 }
 
 async fn sd_models(State(s): Shared) -> Json<Value> {
-    let m = &s.model;
     let entry = |title: &str, path: &Path| {
         json!({
             "title": title,
@@ -311,11 +310,15 @@ async fn sd_models(State(s): Shared) -> Json<Value> {
             "config": null,
         })
     };
-    let mut out = vec![entry(m.title(), &m.path)];
-    for p in list_dir(s.config.models_dir.as_deref(), |p| {
-        p.join("model_index.json").is_file()
-    }) {
-        if p != m.path {
+    // The current model first, then the other loaded ones, then the folders not loaded yet.
+    let current = s.models.current();
+    let loaded = s.models.loaded();
+    let mut out = vec![entry(current.title(), &current.path)];
+    for m in loaded.iter().filter(|m| m.path != current.path) {
+        out.push(entry(m.title(), &m.path));
+    }
+    for p in s.models.available() {
+        if !loaded.iter().any(|m| m.path == p) {
             let name = p
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
@@ -357,7 +360,7 @@ async fn embeddings(State(s): Shared) -> Json<Value> {
 async fn get_options(State(s): Shared) -> Json<Value> {
     let o = s.options();
     Json(json!({
-        "sd_model_checkpoint": s.model.title(),
+        "sd_model_checkpoint": s.models.current().title(),
         "sd_checkpoint_hash": null,
         "CLIP_stop_at_last_layers": o.clip_stop_at_last_layers,
         "samples_format": "png",
@@ -386,15 +389,13 @@ async fn set_options(
                     })?;
             }
             "sd_model_checkpoint" => {
-                if !s.model.answers_to(v.as_str().unwrap_or_default()) {
-                    return Err(ApiError::invalid(
-                        k.clone(),
-                        format!(
-                            "{v}: this server has one model loaded, {:?}; switching models is not supported yet",
-                            s.model.title()
-                        ),
-                    ));
-                }
+                // Loading takes a while: off the async threads. The model stays loaded.
+                let (models, name) = (s.models.clone(), v.as_str().unwrap_or_default().to_owned());
+                let field = k.clone();
+                let m = tokio::task::spawn_blocking(move || models.get(&name, &field))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("loading the model: {e}")))??;
+                s.models.set_current(m);
             }
             other => log::info!("option {other} ignored (sd-rs does not use it)"),
         }
@@ -427,7 +428,7 @@ async fn health(State(s): Shared) -> Json<Value> {
     let (_, waiting, running) = s.queue.snapshot();
     Json(json!({
         "status": "ok",
-        "model": s.model.title(),
+        "model": s.models.current().title(),
         "running": running,
         "queued": waiting,
         "queue_capacity": s.queue.capacity(),

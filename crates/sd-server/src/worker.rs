@@ -16,13 +16,13 @@ use crate::Model;
 
 /// Runs jobs until the queue shuts down. A panic inside a generation is caught and answered
 /// as a 500, so one bad job never stops the queue.
-pub fn run(model: Arc<Model>, queue: Arc<Queue>) {
+pub fn run(queue: Arc<Queue>) {
     while let Some(job) = queue.pop() {
         let reply = if job.abandoned.load(Ordering::Relaxed) {
             Err(ApiError::internal("abandoned"))
         } else {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                generate(&model, &job, &queue)
+                generate(&job.plan.model, &job, &queue)
             }))
             .unwrap_or_else(|p| {
                 let what = p

@@ -30,7 +30,7 @@ fn start(config: ServerConfig) -> Server {
 fn small_limits() -> Limits {
     Limits {
         max_size: 128,
-        max_steps: 200,
+        max_steps: 1000,
         max_batch: 4,
         max_body_bytes: 256 << 10,
     }
@@ -85,10 +85,22 @@ fn library_image(
     seed: u64,
     init: Init,
 ) -> Vec<u8> {
+    library_image_cfg(sd, prompt, steps, 5.0, seed, init)
+}
+
+/// [`library_image`] with a guidance scale.
+fn library_image_cfg(
+    sd: &StableDiffusion,
+    prompt: &str,
+    steps: usize,
+    cfg: f64,
+    seed: u64,
+    init: Init,
+) -> Vec<u8> {
     let mut req = GenerateRequest::new(prompt);
     req.prompt_syntax = PromptSyntax::A1111;
     req.steps = steps;
-    req.guidance_scale = 5.0;
+    req.guidance_scale = cfg;
     req.init = init;
     let out = sd
         .generate(&req, &mut TorchGenerator::new(seed), &mut |_| {
@@ -198,7 +210,7 @@ fn long_job(url: &str) -> std::thread::JoinHandle<(u16, Value, Option<String>)> 
     std::thread::spawn(move || {
         post(
             &format!("{url}/sdapi/v1/txt2img"),
-            &json!({"prompt": "a red circle", "steps": 200, "seed": 1, "n_iter": 2}).to_string(),
+            &json!({"prompt": "a red circle", "steps": 1000, "seed": 1, "n_iter": 2}).to_string(),
         )
     })
 }
@@ -226,7 +238,7 @@ fn progress_moves_interrupt_stops_and_a_disconnected_client_is_dropped() {
     );
     let (first, p) = step(&url);
     assert_eq!(p["state"]["job_count"], 2);
-    assert_eq!(p["state"]["sampling_steps"], 200);
+    assert_eq!(p["state"]["sampling_steps"], 1000);
     assert!(
         wait_until(60, || step(&url).0 > first),
         "progress did not move"
@@ -239,7 +251,7 @@ fn progress_moves_interrupt_stops_and_a_disconnected_client_is_dropped() {
         let url = url.clone();
         move || {
             let r = ureq::post(&format!("{url}/sdapi/v1/txt2img"))
-                .timeout(Duration::from_millis(400))
+                .timeout(Duration::from_millis(1500))
                 .send_string(&json!({"prompt": "x", "steps": 3}).to_string());
             assert!(
                 r.is_err(),
@@ -347,7 +359,7 @@ fn malformed_requests_get_their_4xx_naming_the_field() {
         ),
         (&t2i, r#"{"width": 100}"#.into(), 422, Some("width")),
         (&t2i, r#"{"height": 256}"#.into(), 422, Some("height")),
-        (&t2i, r#"{"steps": 201}"#.into(), 422, Some("steps")),
+        (&t2i, r#"{"steps": 1001}"#.into(), 422, Some("steps")),
         (
             &t2i,
             r#"{"batch_size": 3, "n_iter": 2}"#.into(),
@@ -468,5 +480,68 @@ fn auth_listings_and_options() {
     let (s, _, _) = post(&format!("{url}/sdapi/v1/txt2img"), "{}");
     assert_eq!(s, 401);
     assert_eq!(get(&format!("{url}/health")).0, 200);
+    server.shutdown();
+}
+
+#[test]
+fn models_dir_models_load_on_demand_and_stay_loaded() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
+    let server = start(ServerConfig {
+        models_dir: Some(fixtures.clone()),
+        ..ServerConfig::default()
+    });
+    let url = server.url();
+    let (_, list) = get(&format!("{url}/sdapi/v1/sd-models"));
+    let titles: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, ["demo", "refiner", "sd1", "sd2", "sdxl"]);
+
+    // per request: the image equals the library's on that model
+    let body = json!({"prompt": "a red circle", "steps": 3, "seed": 7, "cfg_scale": 7,
+        "width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": "sd1"}});
+    let (s, v, _) = post(&format!("{url}/sdapi/v1/txt2img"), &body.to_string());
+    assert_eq!(s, 200, "{v}");
+    let sd1 = StableDiffusion::load(&fixtures.join("sd1"), &LoadOptions::default()).unwrap();
+    let want = library_image_cfg(&sd1, "a red circle", 3, 7.0, 7, Init::Noise);
+    assert_eq!(decode_png(v["images"][0].as_str().unwrap()).0, want);
+    let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sd_model_name"], "sd1");
+    // the request did not switch the server's model
+    assert_eq!(
+        get(&format!("{url}/sdapi/v1/options")).1["sd_model_checkpoint"],
+        "demo"
+    );
+
+    // /options switches it
+    let (s, _, _) = post(
+        &format!("{url}/sdapi/v1/options"),
+        r#"{"sd_model_checkpoint": "sd1"}"#,
+    );
+    assert_eq!(s, 200);
+    assert_eq!(
+        get(&format!("{url}/sdapi/v1/options")).1["sd_model_checkpoint"],
+        "sd1"
+    );
+    let (s, v, _) = post(
+        &format!("{url}/sdapi/v1/txt2img"),
+        &json!({"prompt": "a red circle", "steps": 2}).to_string(),
+    );
+    assert_eq!(s, 200, "{v}");
+    let info: Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["sd_model_name"], "sd1");
+
+    let (s, v, _) = post(
+        &format!("{url}/sdapi/v1/txt2img"),
+        &json!({"override_settings": {"sd_model_checkpoint": "nope"}}).to_string(),
+    );
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (422, Some("override_settings.sd_model_checkpoint")),
+        "{v}"
+    );
     server.shutdown();
 }
