@@ -262,12 +262,33 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    /// Blocks until Ctrl-C (SIGINT), then shuts down.
+    /// Blocks until Ctrl-C (SIGINT) or, on Unix, SIGTERM (what container runtimes and
+    /// service managers send), then shuts down.
     pub fn wait_for_ctrl_c(mut self) {
         if let Some(rt) = &self.runtime {
-            if let Err(e) = rt.block_on(tokio::signal::ctrl_c()) {
-                log::error!("cannot wait for Ctrl-C: {e}");
-            }
+            rt.block_on(async {
+                #[cfg(unix)]
+                {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    match signal(SignalKind::terminate()) {
+                        Ok(mut term) => {
+                            tokio::select! {
+                                r = tokio::signal::ctrl_c() => {
+                                    if let Err(e) = r {
+                                        log::error!("cannot wait for Ctrl-C: {e}");
+                                    }
+                                }
+                                _ = term.recv() => {}
+                            }
+                            return;
+                        }
+                        Err(e) => log::error!("cannot wait for SIGTERM: {e}"),
+                    }
+                }
+                if let Err(e) = tokio::signal::ctrl_c().await {
+                    log::error!("cannot wait for Ctrl-C: {e}");
+                }
+            });
         }
         self.stop_now();
     }

@@ -281,6 +281,31 @@ fn progress_moves_interrupt_stops_and_a_disconnected_client_is_dropped() {
 }
 
 #[test]
+fn skip_moves_on_to_the_next_image() {
+    let server = start(ServerConfig {
+        limits: small_limits(),
+        ..ServerConfig::default()
+    });
+    let url = server.url();
+    let job = long_job(&url);
+    let state = |url: &str| get(&format!("{url}/sdapi/v1/progress")).1["state"].clone();
+    assert!(wait_until(60, || state(&url)["sampling_step"].as_u64() >= Some(1)));
+    assert_eq!(state(&url)["job_no"], 0);
+    let (s, _, _) = post(&format!("{url}/sdapi/v1/skip"), "");
+    assert_eq!(s, 200);
+    // image 0 (1000 steps) is abandoned: image 1 starts long before it could have finished
+    assert!(
+        wait_until(30, || state(&url)["job_no"] == 1),
+        "skip did not move on"
+    );
+    post(&format!("{url}/sdapi/v1/interrupt"), "");
+    let (status, v, _) = job.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["images"].as_array().unwrap().len(), 0);
+    server.shutdown();
+}
+
+#[test]
 fn a_full_queue_answers_503_at_once_and_every_request_is_answered() {
     let server = start(ServerConfig {
         queue: 1,
