@@ -22,6 +22,66 @@ pub enum Command {
     Img2img(Img2Img),
     /// Print the version, the CPU and the kernel path in use (`SD_CPU_ISA` caps it).
     Info,
+    /// Serve an HTTP API compatible with AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress,
+    /// interrupt, ...; see docs/server.md). The model stays loaded; one generation runs at a
+    /// time, others wait in a bounded queue.
+    Serve(Serve),
+}
+
+/// `sd serve`'s options.
+#[derive(Debug, Args)]
+pub struct Serve {
+    /// A diffusers folder or a Hugging Face hub id. Without it, the built-in demo model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// An SDXL refiner (folder or hub id), used by requests whose `refiner_checkpoint` names it
+    /// (as given here), from `refiner_switch_at` (default 0.8) of the steps.
+    #[arg(long)]
+    pub refiner: Option<String>,
+    /// Address to listen on. The default answers this machine only; 0.0.0.0 opens it to the
+    /// network (use --api-auth then).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free port; the URL printed says which).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// Requests that may wait while one runs; more are answered 503 with Retry-After at once.
+    #[arg(long, default_value_t = 4)]
+    pub queue: usize,
+    /// Require HTTP basic auth, as AUTOMATIC1111's --api-auth USER:PASS.
+    #[arg(long)]
+    pub api_auth: Option<String>,
+    /// Largest width or height a request may ask for, in pixels.
+    #[arg(long, default_value_t = 2048)]
+    pub max_size: usize,
+    /// Most denoising steps a request may ask for.
+    #[arg(long, default_value_t = 150)]
+    pub max_steps: usize,
+    /// Most images per request (batch_size x n_iter).
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Largest request body, in MiB (img2img images are base64 in the body).
+    #[arg(long, default_value_t = 64)]
+    pub max_body_mb: usize,
+    /// Folder of further diffusers models, listed by /sdapi/v1/sd-models; a request (or
+    /// /sdapi/v1/options) naming one in sd_model_checkpoint loads it once and keeps it loaded.
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Folder of LoRA files, listed by /sdapi/v1/loras (not applied yet).
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
+    /// Folder of textual-inversion embeddings, listed by /sdapi/v1/embeddings (not applied yet).
+    #[arg(long)]
+    pub embeddings_dir: Option<PathBuf>,
+    /// Weight precision.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// cpu, cuda:N or metal.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight-file variant to prefer, e.g. fp16.
+    #[arg(long)]
+    pub variant: Option<String>,
 }
 
 /// img2img's own options.

@@ -17,7 +17,7 @@ use sd_pipeline::formats::{EmbeddingFile, LoraFile};
 use sd_pipeline::hub::{resolve_config, resolve_model, HubConfig};
 use sd_pipeline::schedulers::PredictionType;
 use sd_pipeline::{
-    Flow, GenerateRequest, Init, LoraOptions, OutputType, PromptSyntax, SchedulerKind,
+    Ensemble, Flow, GenerateRequest, Infotext, Init, LoraOptions, PromptSyntax, SchedulerKind,
     SingleFileOptions, StableDiffusion, StepInfo,
 };
 
@@ -68,12 +68,89 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Txt2img(c) => generate(&c, None),
         Command::Img2img(i) => generate(&i.common, Some((&i.image, i.strength))),
+        Command::Serve(s) => serve(&s),
         Command::Info => {
             println!("sd {}", env!("CARGO_PKG_VERSION"));
             println!("{}", sd_kernels::isa::describe());
             Ok(())
         }
     }
+}
+
+fn dtype(d: DTypeArg) -> DType {
+    match d {
+        DTypeArg::F32 => DType::F32,
+        DTypeArg::F16 => DType::F16,
+        DTypeArg::Bf16 => DType::BF16,
+    }
+}
+
+/// `sd serve`: load the model, then serve until Ctrl-C.
+fn serve(s: &args::Serve) -> Result<()> {
+    let opts = LoadOptions {
+        dtype: dtype(s.dtype),
+        device: device(&s.device)?,
+        variant: s.variant.clone(),
+    };
+    let (dir, name, is_demo) = match &s.model {
+        Some(m) => (
+            resolve_model(m, s.variant.as_deref(), &HubConfig::from_env())?,
+            m.clone(),
+            false,
+        ),
+        None => (demo::path()?, "sd-rs demo".to_owned(), true),
+    };
+    let api_auth = match &s.api_auth {
+        None => None,
+        Some(a) => match a.split_once(':') {
+            Some((u, p)) if !u.is_empty() => Some((u.to_owned(), p.to_owned())),
+            _ => bail!("--api-auth {a}: expected USER:PASS"),
+        },
+    };
+    if s.max_size < 8 || s.max_steps == 0 || s.max_batch == 0 {
+        bail!("--max-size must be at least 8, --max-steps and --max-batch at least 1");
+    }
+    eprintln!("loading {} ...", dir.display());
+    let sd =
+        StableDiffusion::load(&dir, &opts).with_context(|| format!("loading {}", dir.display()))?;
+    let defaults = if is_demo {
+        demo::DEFAULTS
+    } else {
+        default_settings(&sd)
+    };
+    let mut model = sd_server::Model::new(sd, name, &dir, defaults.steps, defaults.guidance)?;
+    if let Some(r) = &s.refiner {
+        let rdir = resolve_model(r, s.variant.as_deref(), &HubConfig::from_env())?;
+        eprintln!("loading refiner {} ...", rdir.display());
+        let refiner = StableDiffusion::load_refiner(&rdir, &model.sd, &opts)
+            .with_context(|| format!("loading refiner {}", rdir.display()))?;
+        model = model.with_refiner(refiner, r.clone())?;
+    }
+    let config = sd_server::ServerConfig {
+        host: s.host.clone(),
+        port: s.port,
+        queue: s.queue,
+        api_auth,
+        limits: sd_server::Limits {
+            max_size: s.max_size,
+            max_steps: s.max_steps,
+            max_batch: s.max_batch,
+            max_body_bytes: s.max_body_mb.saturating_mul(1 << 20),
+        },
+        models_dir: s.models_dir.clone(),
+        load_options: opts.clone(),
+        lora_dir: s.lora_dir.clone(),
+        embeddings_dir: s.embeddings_dir.clone(),
+    };
+    let server = sd_server::Server::start(model, config)?;
+    println!(
+        "sd serve: listening on {} (AUTOMATIC1111 API at /sdapi/v1; Ctrl-C stops)",
+        server.url()
+    );
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+    server.wait_for_ctrl_c();
+    Ok(())
 }
 
 fn device(s: &str) -> Result<Device> {
@@ -95,13 +172,8 @@ fn device(s: &str) -> Result<Device> {
 }
 
 fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
-    let dtype = match c.dtype {
-        DTypeArg::F32 => DType::F32,
-        DTypeArg::F16 => DType::F16,
-        DTypeArg::Bf16 => DType::BF16,
-    };
     let opts = LoadOptions {
-        dtype,
+        dtype: dtype(c.dtype),
         device: device(&c.device)?,
         variant: c.variant.clone(),
     };
@@ -262,29 +334,12 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
             let refiner = ModelSource::resolve(r, c.variant.as_deref(), &hub)?
                 .load(&opts, &rsf, Some(&sd))
                 .context("loading the refiner")?;
-            if refiner.unet.config().in_channels != sd.unet.config().in_channels {
-                bail!(
-                    "the refiner's UNet takes {} latent channels, the base produces {}",
-                    refiner.unet.config().in_channels,
-                    sd.unet.config().in_channels
-                );
-            }
-            let mut base_req = req.clone();
-            base_req.denoising_end = Some(f);
-            base_req.output = OutputType::Latents;
-            bar.set_message("base");
-            let base_out = sd.generate(&base_req, &mut noise, &mut on_step)?;
-            // Same prompts, steps and images per prompt; the refiner continues the base's latents.
-            let mut ref_req = req.clone();
-            ref_req.init = Init::Continue {
-                latents: base_out.latents,
-                denoising_start: f,
-            };
-            bar.set_message("refiner");
-            bar.reset();
+            let ensemble = Ensemble::new(&sd, &refiner, f)?;
+            // The bar restarts when the refiner takes over (each run reports its own steps).
+            bar.set_message("base, then refiner");
             (
-                refiner.generate(&ref_req, &mut noise, &mut on_step)?,
-                Some(format!("Refiner: {r}, Refiner switch at: {f}")),
+                ensemble.generate(&req, &mut noise, &mut on_step)?,
+                Some((r.clone(), f)),
             )
         }
     };
@@ -300,36 +355,25 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     let images = sd_pipeline::image::to_rgb8(images)?;
     let first = images.first().context("the pipeline returned no images")?;
     let (h, w) = (first.height(), first.width());
-    let (sampler, schedule_type) = match scheduler {
+    let used = match scheduler {
         Some(k) => k,
-        None => sd.own_scheduler_kind()?,
-    }
-    .a1111_name();
-    let mut params = format!(
-        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, ",
-        c.prompt,
-        c.negative_prompt.as_deref().unwrap_or(""),
+        None => sd.scheduler_kind()?,
+    };
+    let mut info = Infotext::new(
+        c.prompt.clone(),
+        used,
         req.steps,
+        req.guidance_scale,
+        seed,
+        (w, h),
+        model_name,
     );
-    if let Some(t) = schedule_type {
-        params.push_str(&format!("Schedule type: {t}, "));
-    }
-    params.push_str(&format!(
-        "CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {model_name}",
-        req.guidance_scale
-    ));
-    if let Some(n) = c.clip_skip.filter(|&n| n > 1) {
-        params.push_str(&format!(", Clip skip: {n}"));
-    }
-    if req.guidance_rescale > 0.0 {
-        params.push_str(&format!(", Guidance rescale: {}", req.guidance_rescale));
-    }
-    if let Some((_, strength)) = img2img {
-        params.push_str(&format!(", Denoising strength: {strength}"));
-    }
-    if let Some(n) = refiner_note {
-        params.push_str(&format!(", {n}"));
-    }
+    info.negative_prompt = c.negative_prompt.clone().unwrap_or_default();
+    info.clip_skip = c.clip_skip;
+    info.guidance_rescale = req.guidance_rescale;
+    info.denoising_strength = img2img.map(|(_, strength)| strength);
+    info.refiner = refiner_note;
+    let params = info.to_string();
     for (img, path) in images.iter().zip(&outputs) {
         output::write_png(path, img, &params, c.overwrite)?;
         println!("{}", path.display());

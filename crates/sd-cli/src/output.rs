@@ -102,19 +102,7 @@ fn write_atomic(
 
 /// A PNG with a `parameters` text chunk (tEXt when Latin-1, iTXt otherwise), as AUTOMATIC1111.
 pub fn write_png(path: &Path, img: &RgbImage, parameters: &str, overwrite: bool) -> Result<()> {
-    let mut buf = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        if parameters.chars().all(|c| (c as u32) < 256) {
-            enc.add_text_chunk("parameters".into(), parameters.into())?;
-        } else {
-            enc.add_itxt_chunk("parameters".into(), parameters.into())?;
-        }
-        let mut w = enc.write_header()?;
-        w.write_image_data(img.as_raw())?;
-    }
+    let buf = sd_pipeline::image::encode_png(img, Some(parameters))?;
     write_atomic(path, overwrite, |_, f| Ok(f.write_all(&buf)?))
 }
 

@@ -55,23 +55,47 @@ pub fn decode_limit(file_len: u64) -> u64 {
 /// file. Sides above [`MAX_IMAGE_SIDE`] and decoded sizes above [`decode_limit`] of the file's
 /// size are refused before decoding.
 pub fn read_rgb8(path: &std::path::Path) -> Result<RgbImage> {
-    let bad = |what: String| {
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    let reader = ::image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    decode_limited(reader, file_len).map_err(|what| {
         Error::io(
             path,
             std::io::Error::new(std::io::ErrorKind::InvalidData, what),
         )
-    };
-    let file_len = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
+    })
+}
+
+/// [`read_rgb8`] on the bytes of an image file held in memory (e.g. a base64 upload), with the
+/// same limits; `name` names the input in errors (an argument name such as `init_images[0]`).
+pub fn decode_rgb8(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    let reader = ::image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| {
+            Error::invalid_argument(name, format!("{} bytes", bytes.len()), e.to_string())
+        })?;
+    decode_limited(reader, bytes.len() as u64).map_err(|what| {
+        Error::invalid_argument(
+            name,
+            format!("{} bytes", bytes.len()),
+            format!("a PNG or JPEG image ({what})"),
+        )
+    })
+}
+
+/// Decodes with [`MAX_IMAGE_SIDE`] and [`decode_limit`]; the error says what went wrong.
+fn decode_limited<R: std::io::BufRead + std::io::Seek>(
+    mut reader: ::image::ImageReader<R>,
+    file_len: u64,
+) -> std::result::Result<RgbImage, String> {
     let mut limits = ::image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(decode_limit(file_len));
-    let mut reader = ::image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
     reader.limits(limits);
     let img = reader.decode().map_err(|e| {
         let hint = match e {
@@ -82,7 +106,70 @@ pub fn read_rgb8(path: &std::path::Path) -> Result<RgbImage> {
             ),
             _ => String::new(),
         };
-        bad(format!("cannot read image: {e}{hint}"))
+        format!("cannot read image: {e}{hint}")
     })?;
     Ok(img.to_rgb8())
+}
+
+fn png_error(e: impl std::fmt::Display) -> Error {
+    Error::invalid_argument(
+        "png",
+        "an image to encode",
+        format!("an encodable image ({e})"),
+    )
+}
+
+/// An RGB8 image as PNG file bytes, with AUTOMATIC1111's `parameters` text chunk when given
+/// (tEXt when the text is Latin-1, iTXt otherwise, as AUTOMATIC1111 writes it).
+pub fn encode_png(img: &RgbImage, parameters: Option<&str>) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        if let Some(text) = parameters {
+            if text.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk("parameters".into(), text.into())
+            } else {
+                enc.add_itxt_chunk("parameters".into(), text.into())
+            }
+            .map_err(png_error)?;
+        }
+        let mut w = enc.write_header().map_err(png_error)?;
+        w.write_image_data(img.as_raw()).map_err(png_error)?;
+    }
+    Ok(buf)
+}
+
+/// The `parameters` text of a PNG file's bytes (tEXt, zTXt or iTXt), if it has one.
+pub fn png_parameters(bytes: &[u8]) -> Result<Option<String>> {
+    let bad = |e: png::DecodingError| {
+        Error::invalid_argument(
+            "image",
+            format!("{} bytes", bytes.len()),
+            format!("a PNG file ({e})"),
+        )
+    };
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .map_err(bad)?;
+    let info = reader.info();
+    if let Some(t) = info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+    {
+        return Ok(Some(t.text.clone()));
+    }
+    for t in &info.compressed_latin1_text {
+        if t.keyword == "parameters" {
+            return Ok(t.get_text().ok());
+        }
+    }
+    for t in &info.utf8_text {
+        if t.keyword == "parameters" {
+            return Ok(t.get_text().ok());
+        }
+    }
+    Ok(None)
 }

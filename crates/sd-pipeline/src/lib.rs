@@ -22,14 +22,18 @@
 #![warn(clippy::unwrap_used)]
 
 mod embedding;
+mod ensemble;
 pub mod hub;
 pub mod image;
+mod infotext;
 mod lora;
 pub mod model_index;
 mod pipeline;
 pub mod request;
 mod single_file;
 
+pub use ensemble::Ensemble;
+pub use infotext::Infotext;
 pub use lora::LoraOptions;
 pub use model_index::{ModelFamily, ModelIndex};
 pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
@@ -45,3 +49,11 @@ pub use sd_formats as formats;
 pub use sd_schedulers as schedulers;
 pub use sd_unet as unet;
 pub use sd_vae as vae;
+
+/// The pipeline is shared across threads (`sd serve` runs it on a worker thread while the HTTP
+/// side reads its model info): this fails to compile if a component stops being `Send + Sync`.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<StableDiffusion>();
+    assert_send_sync::<GenerateRequest>();
+};

@@ -290,6 +290,22 @@ impl StableDiffusion {
         Ok(v.to_string())
     }
 
+    /// The kind of the model's own scheduler (`scheduler/scheduler_config.json`'s `_class_name`):
+    /// what [`StableDiffusion::scheduler`] builds without a kind, and what an infotext names.
+    pub fn scheduler_kind(&self) -> Result<SchedulerKind> {
+        let path = &self.scheduler_config;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Ok(sd_schedulers::resolve_config_json(&text, path, None)?.kind)
+    }
+
+    /// The image size the model was trained at: the UNet's `sample_size` times the VAE factor
+    /// (height, width); what [`StableDiffusion::resolve_size`] uses without a size.
+    pub fn native_size(&self) -> (usize, usize) {
+        let f = self.vae_scale_factor();
+        let (h, w) = self.unet.config().sample_size.unwrap_or((64, 64));
+        (h * f, w * f)
+    }
+
     /// The dtype the model computes in (the UNet's).
     pub fn dtype(&self) -> DType {
         self.unet.dtype()
@@ -500,8 +516,7 @@ impl StableDiffusion {
     /// The image size of a request, validated (multiples of the VAE factor) with UNet defaults.
     pub fn resolve_size(&self, req: &GenerateRequest) -> Result<(usize, usize)> {
         let f = self.vae_scale_factor();
-        let (dh, dw) = self.unet.config().sample_size.unwrap_or((64, 64));
-        let default = (dh * f, dw * f);
+        let default = self.native_size();
         let from_init = match &req.init {
             Init::Image { image, .. } => Some((image.dim(2)?, image.dim(3)?)),
             Init::Latents(l) | Init::Continue { latents: l, .. } => {

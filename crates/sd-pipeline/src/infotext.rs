@@ -1,0 +1,107 @@
+//! AUTOMATIC1111's "infotext": the `parameters` text written into every PNG (prompt, negative
+//! prompt, then `Key: value` pairs), so that the image can be reproduced and read back by
+//! AUTOMATIC1111's PNG Info. The `sd` CLI and `sd serve` write it with this one type.
+
+use std::fmt;
+
+use sd_schedulers::SchedulerKind;
+
+/// The settings of one generated image, written as AUTOMATIC1111 writes them.
+///
+/// ```
+/// use sd_pipeline::{Infotext, SchedulerKind};
+/// let mut t = Infotext::new("a red circle", SchedulerKind::Euler, 20, 5.0, 7, (64, 64), "demo");
+/// t.clip_skip = Some(2);
+/// assert_eq!(
+///     t.to_string(),
+///     "a red circle\nNegative prompt: \nSteps: 20, Sampler: Euler, CFG scale: 5, Seed: 7, \
+///      Size: 64x64, Model: demo, Clip skip: 2"
+/// );
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Infotext {
+    /// The prompt as given (A1111 syntax kept).
+    pub prompt: String,
+    /// The negative prompt (empty when none).
+    pub negative_prompt: String,
+    /// Denoising steps of the full schedule.
+    pub steps: usize,
+    /// The scheduler actually used (written with its A1111 sampler name and schedule type).
+    pub scheduler: SchedulerKind,
+    /// Classifier-free guidance scale.
+    pub cfg_scale: f64,
+    /// The seed of this image.
+    pub seed: u64,
+    /// (width, height) in pixels.
+    pub size: (u32, u32),
+    /// The model's name (what was passed as `--model`).
+    pub model: String,
+    /// A1111's Clip skip (1 = last layer; written when above 1).
+    pub clip_skip: Option<u32>,
+    /// `guidance_rescale` (written when above 0).
+    pub guidance_rescale: f64,
+    /// img2img's strength.
+    pub denoising_strength: Option<f64>,
+    /// The SDXL refiner and the fraction at which it takes over.
+    pub refiner: Option<(String, f64)>,
+}
+
+impl Infotext {
+    /// The required fields; the optional ones start unset.
+    pub fn new(
+        prompt: impl Into<String>,
+        scheduler: SchedulerKind,
+        steps: usize,
+        cfg_scale: f64,
+        seed: u64,
+        size: (u32, u32),
+        model: impl Into<String>,
+    ) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            steps,
+            scheduler,
+            cfg_scale,
+            seed,
+            size,
+            model: model.into(),
+            clip_skip: None,
+            guidance_rescale: 0.0,
+            denoising_strength: None,
+            refiner: None,
+        }
+    }
+}
+
+impl fmt::Display for Infotext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (sampler, schedule_type) = self.scheduler.a1111_name();
+        write!(
+            f,
+            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, ",
+            self.prompt, self.negative_prompt, self.steps
+        )?;
+        if let Some(t) = schedule_type {
+            write!(f, "Schedule type: {t}, ")?;
+        }
+        write!(
+            f,
+            "CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            self.cfg_scale, self.seed, self.size.0, self.size.1, self.model
+        )?;
+        if let Some(n) = self.clip_skip.filter(|&n| n > 1) {
+            write!(f, ", Clip skip: {n}")?;
+        }
+        if self.guidance_rescale > 0.0 {
+            write!(f, ", Guidance rescale: {}", self.guidance_rescale)?;
+        }
+        if let Some(s) = self.denoising_strength {
+            write!(f, ", Denoising strength: {s}")?;
+        }
+        if let Some((r, at)) = &self.refiner {
+            write!(f, ", Refiner: {r}, Refiner switch at: {at}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! Reading an infotext back (`/sdapi/v1/png-info`), as AUTOMATIC1111's
+//! `parse_generation_parameters`: the prompt lines, `Negative prompt:` lines, then the last line
+//! of `Key: value` pairs (values may be quoted); `Size: WxH` also gives `Size-1` and `Size-2`.
+
+use serde_json::{Map, Value};
+
+/// The fields of an infotext, as AUTOMATIC1111's PNG Info returns them (every value a string,
+/// except `Size-1`/`Size-2` which are numbers).
+pub fn parse_infotext(text: &str) -> Map<String, Value> {
+    let mut out = Map::new();
+    let mut lines: Vec<&str> = text.trim().lines().collect();
+    let last = match lines.last() {
+        Some(l) if l.matches(": ").count() >= 3 || l.starts_with("Steps: ") => {
+            let l = *l;
+            lines.pop();
+            l
+        }
+        _ => "",
+    };
+    let (mut prompt, mut negative, mut in_negative) = (Vec::new(), Vec::new(), false);
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            negative.push(rest.trim_start());
+        } else if in_negative {
+            negative.push(line);
+        } else {
+            prompt.push(line);
+        }
+    }
+    out.insert("Prompt".into(), Value::String(prompt.join("\n")));
+    out.insert("Negative prompt".into(), Value::String(negative.join("\n")));
+    for (k, v) in pairs(last) {
+        if k == "Size" {
+            if let Some((w, h)) = v.split_once('x') {
+                if let (Ok(w), Ok(h)) = (w.trim().parse::<u64>(), h.trim().parse::<u64>()) {
+                    out.insert("Size-1".into(), Value::from(w));
+                    out.insert("Size-2".into(), Value::from(h));
+                }
+            }
+        }
+        out.insert(k, Value::String(v));
+    }
+    out
+}
+
+/// `Key: value, Key: "quoted, value", ...`.
+fn pairs(line: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once(": ") else {
+            break;
+        };
+        let (value, next) = if let Some(q) = after.strip_prefix('"') {
+            // quoted: up to the closing quote not preceded by a backslash
+            let mut end = None;
+            let mut escaped = false;
+            for (i, c) in q.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '"' if !escaped => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            match end {
+                Some(e) => (q[..e].replace("\\\"", "\""), &q[e + 1..]),
+                None => (q.to_owned(), ""),
+            }
+        } else {
+            match after.split_once(", ") {
+                Some((v, n)) => (v.to_owned(), n),
+                None => (after.to_owned(), ""),
+            }
+        };
+        out.push((key.trim().to_owned(), value.trim().to_owned()));
+        rest = next.trim_start_matches(',').trim();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_back_what_the_cli_writes() {
+        let t = "a (red:1.2) circle\nsecond line\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 7, Size: 64x32, Model: demo, Lora hashes: \"a: 1, b: 2\"";
+        let m = parse_infotext(t);
+        assert_eq!(m["Prompt"], "a (red:1.2) circle\nsecond line");
+        assert_eq!(m["Negative prompt"], "blurry");
+        assert_eq!(m["Steps"], "20");
+        assert_eq!(m["Sampler"], "DPM++ 2M");
+        assert_eq!(m["Schedule type"], "Karras");
+        assert_eq!(m["Size-1"], 64);
+        assert_eq!(m["Size-2"], 32);
+        assert_eq!(m["Lora hashes"], "a: 1, b: 2");
+        assert_eq!(m["Model"], "demo");
+    }
+}
