@@ -251,7 +251,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     let scheduler = match (&c.scheduler, &c.schedule_type) {
         (Some(name), t) => Some(SchedulerKind::from_a1111(name, t.as_deref())?),
         (None, Some(t)) => {
-            let own = sd.own_scheduler_kind()?;
+            let own = sd.scheduler_kind()?;
             Some(SchedulerKind::from_a1111(own.short_name(), Some(t))?)
         }
         (None, None) => None,

@@ -74,55 +74,28 @@ pub fn group_norm<T: Element>(
     let threads = crate::default_threads()
         .min(p.batch * p.pixels.div_ceil(1024))
         .max(1);
-    if threads == 1 || p.batch == 0 {
-        for (xi, oi) in x.chunks(image).zip(out.chunks_mut(image)) {
-            one_image(p, xi, oi);
-        }
-        return Ok(());
-    }
     // Each image's pixels are split among the threads for both the statistics and the
     // normalisation; the per-thread statistics are combined in f64 in a fixed order.
+    let per = p.pixels.div_ceil(threads);
+    let ranges: Vec<_> = (0..threads)
+        .map(|t| (t * per).min(p.pixels) * c..((t + 1) * per).min(p.pixels) * c)
+        .collect();
     for (xi, oi) in x.chunks(image).zip(out.chunks_mut(image)) {
-        let per = p.pixels.div_ceil(threads);
-        let ranges: Vec<_> = (0..threads)
-            .map(|t| (t * per).min(p.pixels)..((t + 1) * per).min(p.pixels))
-            .collect();
-        let sums: Vec<Vec<f64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ranges
-                .iter()
-                .map(|r| {
-                    let r = r.clone();
-                    s.spawn(move || sums_dispatch(&xi[r.start * c..r.end * c], c, None))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
+        let sums = partial_sums(xi, c, &ranges, None);
         let mean = group_means(p, &sums);
-        let sq: Vec<Vec<f64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ranges
-                .iter()
-                .map(|r| {
-                    let r = r.clone();
-                    let mean = &mean;
-                    s.spawn(move || sums_dispatch(&xi[r.start * c..r.end * c], c, Some(mean)))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
+        let sq = partial_sums(xi, c, &ranges, Some(&mean));
         let var = group_means(p, &sq);
         let (scale, shift) = affine(p, &mean, &var);
+        if ranges.len() == 1 {
+            apply_dispatch(p, xi, oi, &scale, &shift);
+            continue;
+        }
         std::thread::scope(|s| {
             let mut rest = &mut oi[..];
             for r in &ranges {
-                let (mine, tail) = rest.split_at_mut((r.end - r.start) * c);
+                let (mine, tail) = rest.split_at_mut(r.len());
                 rest = tail;
-                let xr = &xi[r.start * c..r.end * c];
+                let xr = &xi[r.clone()];
                 let (scale, shift) = (&scale, &shift);
                 s.spawn(move || apply_dispatch(p, xr, mine, scale, shift));
             }
@@ -131,15 +104,29 @@ pub fn group_norm<T: Element>(
     Ok(())
 }
 
-/// Statistics and normalisation of one image on this thread.
-fn one_image<T: Element>(p: &GroupNormParams<'_>, x: &[T], out: &mut [T]) {
-    let c = p.channels;
-    let sums = [sums_dispatch(x, c, None)];
-    let mean = group_means(p, &sums);
-    let sq = [sums_dispatch(x, c, Some(&mean))];
-    let var = group_means(p, &sq);
-    let (scale, shift) = affine(p, &mean, &var);
-    apply_dispatch(p, x, out, &scale, &shift);
+/// [`channel_sums`] of each element range of `x`, on one thread per range (inline for one).
+fn partial_sums<T: Element>(
+    x: &[T],
+    c: usize,
+    ranges: &[std::ops::Range<usize>],
+    centre: Option<&[f64]>,
+) -> Vec<Vec<f64>> {
+    if let [r] = ranges {
+        return vec![sums_dispatch(&x[r.clone()], c, centre)];
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|r| {
+                let xr = &x[r.clone()];
+                s.spawn(move || sums_dispatch(xr, c, centre))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }
 
 /// Per-channel sums over the pixels of `x` (`[pixels, c]`): of `x`, or of `(x - mean[group])^2`

@@ -4,22 +4,10 @@
 //! keys, the VAE's single head of 64+ channels, CLIP's causal mask, and strided rows (q, k, v
 //! read out of one fused projection).
 
+mod common;
+use common::values;
 use half::bf16;
 use sd_kernels::{attention, AttentionParams, AttentionShape, Element, GemmOptions, Isa};
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -193,16 +181,7 @@ fn check_path(isa: Isa, emulate: bool) {
 }
 
 fn native(isa: Isa) {
-    match isa.supported() {
-        Ok(()) => check_path(isa, false),
-        Err(why) => {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED native {isa} attention: {why} (its blocking and addressing run in emulated_{isa})"
-            );
-        }
-    }
+    common::native_or_skip(isa, "attention", || check_path(isa, false));
 }
 
 #[test]

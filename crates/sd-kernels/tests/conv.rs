@@ -5,26 +5,13 @@
 //! resizes, the skip-connection concat, per-image (time-embedding) bias, residual and SiLU,
 //! odd and non-square sizes, K not a multiple of the kernel's step (4 input channels).
 
+mod common;
+use common::values;
 use half::bf16;
 use sd_kernels::{
     conv2d, group_norm, pack_conv_weight, Activation, ConvEpilogue, ConvGeometry, ConvInput, DType,
     Element, GemmOptions, GroupNormParams, Isa,
 };
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 #[derive(Debug, Clone)]
 struct Case {
@@ -283,19 +270,8 @@ fn check_path(isa: Isa, emulate: bool) {
     }
 }
 
-/// Runs the native path if the host has it; otherwise says so on stderr, past the test
-/// harness's capture, so the skip shows in the log.
 fn native(isa: Isa) {
-    match isa.supported() {
-        Ok(()) => check_path(isa, false),
-        Err(why) => {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED native {isa} convolution: {why} (its blocking and addressing run in emulated_{isa})"
-            );
-        }
-    }
+    common::native_or_skip(isa, "convolution", || check_path(isa, false));
 }
 
 #[test]

@@ -3,25 +3,12 @@
 //! Paths the host lacks run on the emulator (same packing and addressing); their native run is
 //! reported as skipped with the reason.
 
+mod common;
+use common::values;
 use half::bf16;
 use sd_kernels::{
     gemm_with, AMatrix, Activation, BSource, DType, Element, Epilogue, GemmOptions, Isa, PackedB,
 };
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn erf64(x: f64) -> f64 {
     // erf by its Taylor series (|x| <= 3) or 1 - erfc asymptote; 1e-15 where used here.
@@ -303,19 +290,8 @@ fn check_path(isa: Isa, emulate: bool) {
     }
 }
 
-/// Runs the native path if the host has it; otherwise says so on stderr, past the test
-/// harness's capture (written directly, not with `eprintln!`), so the skip shows in the log.
 fn native(isa: Isa) {
-    match isa.supported() {
-        Ok(()) => check_path(isa, false),
-        Err(why) => {
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED native {isa} GEMM: {why} (its blocking and addressing run in emulated_{isa})"
-            );
-        }
-    }
+    common::native_or_skip(isa, "GEMM", || check_path(isa, false));
 }
 
 #[test]

@@ -211,28 +211,25 @@ impl Conv2d {
         }
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
         let bias = vb.get(out_channels, "bias")?;
-        let packed = if kernel_dtype(&weight).is_some() {
-            let kdtype = kernel_dtype(&weight).unwrap_or(sd_kernels::DType::F32);
-            let isa = sd_kernels::Isa::current();
-            let pack = |r: std::result::Result<sd_kernels::PackedB, sd_kernels::KernelError>| {
-                r.map_err(|e| {
+        let packed = match kernel_dtype(&weight) {
+            Some(kdtype) => {
+                let isa = sd_kernels::Isa::current();
+                let (o, i, k) = (out_channels, in_channels, kernel);
+                with_cpu_elems(
+                    &weight,
+                    |w| sd_kernels::pack_conv_weight(w, o, i, k, isa, kdtype),
+                    |w| sd_kernels::pack_conv_weight(w, o, i, k, isa, kdtype),
+                )?
+                .transpose()
+                .map_err(|e| {
                     sd_core::Error::invalid_argument(
                         vb.path("weight"),
                         e.to_string(),
                         "a conv weight",
                     )
-                })
-            };
-            match with_cpu_elems(
-                &weight,
-                |w| sd_kernels::pack_conv_weight(w, out_channels, in_channels, kernel, isa, kdtype),
-                |w| sd_kernels::pack_conv_weight(w, out_channels, in_channels, kernel, isa, kdtype),
-            )? {
-                Some(r) => Some(pack(r)?),
-                None => None,
+                })?
             }
-        } else {
-            None
+            None => None,
         };
         Ok(layer(match packed {
             Some(b) => ConvKind::Packed(Arc::new(PackedConv {

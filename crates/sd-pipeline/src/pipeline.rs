@@ -249,16 +249,6 @@ impl StableDiffusion {
         }
     }
 
-    /// The scheduler kind the model's own config names (`_class_name`).
-    pub fn own_scheduler_kind(&self) -> Result<SchedulerKind> {
-        let json = match self.prediction_type {
-            None => std::fs::read_to_string(&self.scheduler_config)
-                .map_err(|e| Error::io(&self.scheduler_config, e))?,
-            Some(p) => self.scheduler_json(p)?,
-        };
-        Ok(sd_schedulers::resolve_config_json(&json, &self.scheduler_config, None)?.kind)
-    }
-
     /// The model's prediction type: the override, or the scheduler config's.
     pub fn prediction_type(&self) -> Result<PredictionType> {
         match self.prediction_type {
