@@ -293,9 +293,13 @@ fn pack_a<T: Element, A: ARows<T>>(
             for r in 0..mc {
                 let row = a.row(m0 + r, &mut gather[..k]);
                 let (t, i) = (r / mr, r % mr);
-                let base = t * kp * mr + i * 2;
-                for (kk, v) in row.iter().enumerate() {
-                    out[base + (kk / 2) * mr * 2 + kk % 2] = bf16_bits(*v);
+                let panel = &mut out[t * kp * mr..][..kp * mr];
+                // One (k, k+1) pair of this row every `2 mr` elements, from offset `2 i`.
+                for (dst, pair) in panel[i * 2..].chunks_mut(mr * 2).zip(row.chunks(2)) {
+                    dst[0] = bf16_bits(pair[0]);
+                    if let Some(v) = pair.get(1) {
+                        dst[1] = bf16_bits(*v);
+                    }
                 }
             }
         }
@@ -320,12 +324,11 @@ fn pack_a<T: Element, A: ARows<T>>(
     }
 }
 
-/// The bf16 bits of an operand (only called for bf16 formats, where T is bf16).
+/// The bf16 bits of an operand (only called for bf16 formats, where T is bf16 and this is
+/// its bit pattern).
 #[inline(always)]
 fn bf16_bits<T: Element>(v: T) -> u16 {
-    let mut f = [0f32; 1];
-    T::to_f32_slice(&[v], &mut f);
-    half::bf16::from_f32(f[0]).to_bits()
+    v.to_bf16_bits()
 }
 
 /// One thread's part: rows `rows` x stored columns `cols`.

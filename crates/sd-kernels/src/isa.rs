@@ -54,7 +54,9 @@ impl Isa {
 
     /// `Ok` when this host can run the path, else why not (for test reports and error messages).
     pub fn supported(self) -> Result<(), &'static str> {
-        detect::supported(self)
+        // Detected once per process: conversions ask on every call, some on every row.
+        static TABLE: OnceLock<[Result<(), &'static str>; 5]> = OnceLock::new();
+        TABLE.get_or_init(|| Isa::ALL.map(detect::supported))[self as usize]
     }
 
     /// The path the kernels use in this process: the best the host supports, capped by

@@ -19,7 +19,11 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // n is in [-126, 128]: 2^n as 2^n1 * 2^n2 with both halves normal numbers.
-    let n = n as i32;
+    // n is an integer in [-126, 128]. Adding 1.5 * 2^23 places it in the low mantissa bits
+    // exactly; reading it back there keeps the loop vectorized (`as i32` saturates lane by
+    // lane in scalar code).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = ((n + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let n1 = n >> 1;
     let n2 = n - n1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
