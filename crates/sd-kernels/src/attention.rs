@@ -12,6 +12,7 @@
 use crate::epilogue::{Element, Epilogue};
 use crate::gemm::{gemm_rows, AMatrix, GemmOptions};
 use crate::isa::Isa;
+use crate::kernels::Micro;
 use crate::math;
 use crate::pack::{BSource, PackedB};
 use crate::KernelError;
@@ -152,7 +153,9 @@ pub fn attention<T: Element>(
     let packed: Vec<(PackedB, PackedB)> = parallel_map(slices, threads, pack_slice)?;
 
     // 2. Blocks of query rows.
-    let qb = (SCORE_BLOCK_BYTES / (s.kv_len * 4)).clamp(16, 256);
+    // Whole micro-tiles of query rows (a block of 32 rows on a 12-row kernel computes 36).
+    let mr = Micro::select(params.isa, T::DTYPE, opts.emulate).mr;
+    let qb = (SCORE_BLOCK_BYTES / (s.kv_len * 4)).clamp(mr, 256) / mr * mr;
     let blocks = s.q_len.div_ceil(qb);
     let items = slices * blocks;
     let out_ptr = SendPtr(out.as_mut_ptr());

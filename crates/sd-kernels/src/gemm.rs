@@ -250,14 +250,36 @@ unsafe impl<T: Send> Send for SendPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
-/// Packed A of one row block: f32 panels or bf16 (pairs or rows).
+/// Packed A of one row block: f32 panels, bf16 pair panels (one word per `(k, k+1)` pair, the
+/// low half `k`, as the kernel reads it) or bf16 rows.
 enum ABuf {
     F32(Vec<f32>),
+    Pairs(Vec<u32>),
     U16(Vec<u16>),
+}
+
+impl Default for ABuf {
+    fn default() -> Self {
+        ABuf::F32(Vec::new())
+    }
+}
+
+impl ABuf {
+    fn new(format: AFormat) -> Self {
+        match format {
+            AFormat::F32Panels => ABuf::F32(Vec::new()),
+            AFormat::Bf16PairPanels => ABuf::Pairs(Vec::new()),
+            AFormat::Bf16Rows => ABuf::U16(Vec::new()),
+        }
+    }
 }
 
 /// Packs rows `m0..m0+mc` of A for the kernel (rows up to a multiple of `mr` and K up to `kp`
 /// are zero).
+///
+/// The panel formats are built one tile of `mr` rows at a time: the rows are converted into
+/// `tile` (row-major, one word per f32 or per bf16 pair), then interleaved word by word into
+/// the panel, so that every store of the panel is sequential.
 #[allow(clippy::too_many_arguments)]
 fn pack_a<T: Element, A: ARows<T>>(
     a: &A,
@@ -267,7 +289,7 @@ fn pack_a<T: Element, A: ARows<T>>(
     mc: usize,
     micro: &Micro,
     buf: &mut ABuf,
-    row_f32: &mut [f32],
+    tile: &mut TileBuf,
     gather: &mut [T],
 ) {
     let mr = micro.mr;
@@ -275,32 +297,47 @@ fn pack_a<T: Element, A: ARows<T>>(
     let len = tiles * mr * kp;
     match (micro.a_format, buf) {
         (AFormat::F32Panels, ABuf::F32(out)) => {
-            out.clear();
+            // Every element of `out` and of `words` is written below: no clearing.
+            out.truncate(len);
             out.resize(len, 0.0);
-            for r in 0..mc {
-                let row = a.row(m0 + r, &mut gather[..k]);
-                T::to_f32_slice(row, &mut row_f32[..k]);
-                let (t, i) = (r / mr, r % mr);
-                let base = t * kp * mr + i;
-                for (kk, v) in row_f32[..k].iter().enumerate() {
-                    out[base + kk * mr] = *v;
-                }
-            }
-        }
-        (AFormat::Bf16PairPanels, ABuf::U16(out)) => {
-            out.clear();
-            out.resize(len, 0);
-            for r in 0..mc {
-                let row = a.row(m0 + r, &mut gather[..k]);
-                let (t, i) = (r / mr, r % mr);
-                let panel = &mut out[t * kp * mr..][..kp * mr];
-                // One (k, k+1) pair of this row every `2 mr` elements, from offset `2 i`.
-                for (dst, pair) in panel[i * 2..].chunks_mut(mr * 2).zip(row.chunks(2)) {
-                    dst[0] = bf16_bits(pair[0]);
-                    if let Some(v) = pair.get(1) {
-                        dst[1] = bf16_bits(*v);
+            let words = &mut tile.f32;
+            words.truncate(mr * kp);
+            words.resize(mr * kp, 0.0);
+            for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
+                let rows = mr.min(mc - t * mr);
+                for (i, dst) in words.chunks_exact_mut(kp).enumerate() {
+                    if i < rows {
+                        let row = a.row(m0 + t * mr + i, &mut gather[..k]);
+                        T::to_f32_slice(row, &mut dst[..k]);
+                        dst[k..].fill(0.0);
+                    } else {
+                        dst.fill(0.0);
                     }
                 }
+                interleave(words, mr, kp, panel);
+            }
+        }
+        (AFormat::Bf16PairPanels, ABuf::Pairs(out)) => {
+            // kp is even for this format (the kernel steps K by pairs).
+            debug_assert!(kp.is_multiple_of(2));
+            let pairs = kp / 2;
+            // Every element of `out` and of `words` is written below: no clearing.
+            out.truncate(len / 2);
+            out.resize(len / 2, 0);
+            let words = &mut tile.pairs;
+            words.truncate(mr * pairs);
+            words.resize(mr * pairs, 0);
+            for (t, panel) in out.chunks_exact_mut(mr * pairs).enumerate() {
+                let rows = mr.min(mc - t * mr);
+                for (i, dst) in words.chunks_exact_mut(pairs).enumerate() {
+                    if i < rows {
+                        let row = a.row(m0 + t * mr + i, &mut gather[..k]);
+                        pair_words(row, dst);
+                    } else {
+                        dst.fill(0);
+                    }
+                }
+                interleave(words, mr, pairs, panel);
             }
         }
         (AFormat::Bf16Rows, ABuf::U16(out)) => {
@@ -315,12 +352,63 @@ fn pack_a<T: Element, A: ARows<T>>(
         }
         (_, buf) => {
             // The buffer kind follows the format (see `worker`); rebuild if it ever does not.
-            *buf = match micro.a_format {
-                AFormat::F32Panels => ABuf::F32(Vec::new()),
-                _ => ABuf::U16(Vec::new()),
-            };
-            pack_a(a, k, kp, m0, mc, micro, buf, row_f32, gather)
+            *buf = ABuf::new(micro.a_format);
+            pack_a(a, k, kp, m0, mc, micro, buf, tile, gather)
         }
+    }
+}
+
+/// Row-major scratch for one tile of A being packed.
+#[derive(Default)]
+struct TileBuf {
+    f32: Vec<f32>,
+    pairs: Vec<u32>,
+}
+
+/// `dst[c * rows + r] = src[r * cols + c]`: `rows` rows of `cols` words become `cols` groups of
+/// `rows` words (the panel order). `rows` is the kernel's MR.
+fn interleave<W: Copy + Default>(src: &[W], rows: usize, cols: usize, dst: &mut [W]) {
+    /// The same with MR known at compile time, so that a group is stored in one sequence.
+    #[inline(always)]
+    fn fixed<W: Copy + Default, const MR: usize>(src: &[W], cols: usize, dst: &mut [W]) {
+        let rows: [&[W]; MR] = std::array::from_fn(|r| &src[r * cols..][..cols]);
+        for (c, group) in dst.chunks_exact_mut(MR).take(cols).enumerate() {
+            for (d, row) in group.iter_mut().zip(&rows) {
+                *d = row[c];
+            }
+        }
+    }
+    debug_assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    match rows {
+        12 => fixed::<W, 12>(src, cols, dst),
+        6 => fixed::<W, 6>(src, cols, dst),
+        4 => fixed::<W, 4>(src, cols, dst),
+        _ => {
+            for (c, group) in dst.chunks_exact_mut(rows).take(cols).enumerate() {
+                for (r, d) in group.iter_mut().enumerate() {
+                    *d = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+/// Consecutive `(k, k+1)` bf16 pairs of a row as words (low half `k`); words past the row's
+/// end are zero, and so is the high half of a last odd element.
+fn pair_words<T: Element>(row: &[T], dst: &mut [u32]) {
+    let full = row.len() / 2;
+    for (d, p) in dst.iter_mut().zip(row.chunks_exact(2)) {
+        *d = u32::from(bf16_bits(p[0])) | (u32::from(bf16_bits(p[1])) << 16);
+    }
+    let mut rest = full;
+    if let Some(last) = row.chunks_exact(2).remainder().first() {
+        if let Some(d) = dst.get_mut(full) {
+            *d = u32::from(bf16_bits(*last));
+        }
+        rest += 1;
+    }
+    if let Some(tail) = dst.get_mut(rest..) {
+        tail.fill(0);
     }
 }
 
@@ -349,16 +437,33 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
 ) {
     let (mr, nr) = (micro.mr, micro.nr);
     let kp = b.kp;
-    let mut abuf = match micro.a_format {
-        AFormat::F32Panels => ABuf::F32(Vec::new()),
-        _ => ABuf::U16(Vec::new()),
-    };
     let nc_max = micro.nc;
     let mc_max = micro.mc;
-    let mut scratch = vec![0f32; mc_max.div_ceil(mr) * mr * nc_max];
-    let mut row_f32 = vec![0f32; b.k.max(nc_max)];
+    // The buffers of this thread's previous call, if any (attention calls the driver once per
+    // block of queries): every element read below is written first, so none is cleared.
+    let mut bufs = WORKER_BUFS.take();
+    let WorkerBufs {
+        ref mut abuf,
+        ref mut scratch,
+        ref mut tile,
+        ref mut tmp,
+    } = bufs;
+    if !matches!(
+        (&*abuf, micro.a_format),
+        (ABuf::F32(_), AFormat::F32Panels)
+            | (ABuf::Pairs(_), AFormat::Bf16PairPanels)
+            | (ABuf::U16(_), AFormat::Bf16Rows)
+    ) {
+        *abuf = ABuf::new(micro.a_format);
+    }
+    let scratch_len = mc_max.div_ceil(mr) * mr * nc_max;
+    if scratch.len() < scratch_len {
+        scratch.resize(scratch_len, 0.0);
+    }
+    if tmp.len() < nc_max {
+        tmp.resize(nc_max, 0.0);
+    }
     let mut gather = vec![T::ZERO; b.k];
-    let mut tmp = vec![0f32; nc_max];
     let (b_base, b_elem) = match &b.data {
         BData::F32(v) => (v.as_ptr() as *const u8, 4),
         BData::Bf16(v) => (v.as_ptr() as *const u8, 2),
@@ -371,19 +476,11 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
     while m0 < rows.end {
         let mc = mc_max.min(rows.end - m0);
         let mc_pad = mc.div_ceil(mr) * mr;
-        pack_a(
-            a,
-            b.k,
-            kp,
-            m0,
-            mc,
-            micro,
-            &mut abuf,
-            &mut row_f32,
-            &mut gather,
-        );
-        let (a_base, a_elem) = match &abuf {
+        pack_a(a, b.k, kp, m0, mc, micro, abuf, tile, &mut gather);
+        let (a_base, a_elem) = match &*abuf {
             ABuf::F32(v) => (v.as_ptr() as *const u8, 4),
+            // Offsets below count bf16 halves of the words.
+            ABuf::Pairs(v) => (v.as_ptr() as *const u8, 2),
             ABuf::U16(v) => (v.as_ptr() as *const u8, 2),
         };
         let mut c0 = cols.start;
@@ -433,7 +530,7 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
                 ldc,
                 m0,
             };
-            unsafe { epilogue_block(micro.epilogue_isa, &block, &mut tmp) };
+            unsafe { epilogue_block(micro.epilogue_isa, &block, tmp) };
             c0 += nc;
         }
         m0 += mc;
@@ -442,6 +539,20 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
         // SAFETY: paired with begin on this thread.
         unsafe { end() };
     }
+    WORKER_BUFS.set(bufs);
+}
+
+/// A worker's buffers, kept per thread between calls.
+#[derive(Default)]
+struct WorkerBufs {
+    abuf: ABuf,
+    scratch: Vec<f32>,
+    tile: TileBuf,
+    tmp: Vec<f32>,
+}
+
+thread_local! {
+    static WORKER_BUFS: std::cell::Cell<WorkerBufs> = std::cell::Cell::new(WorkerBufs::default());
 }
 
 /// A finished f32 accumulator block and where its rows go: scratch rows `0..mc` (stride
