@@ -520,7 +520,7 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
             }
             // SAFETY: forwarded: this part's rows and columns of C are ours alone.
             let block = ScratchBlock {
-                scratch: &scratch,
+                scratch,
                 lds: nc_max,
                 mc,
                 cols: c0..c0 + nc,
