@@ -34,6 +34,11 @@ pub trait Element: crate::PackSource + Send + Sync + 'static {
     fn to_f32_slice(src: &[Self], dst: &mut [f32]);
     /// Stores f32 values (rounded to nearest even for bf16).
     fn from_f32_slice(src: &[f32], dst: &mut [Self]);
+    /// The slice itself when the elements are f32 (then widening is a no-op).
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        let _ = src;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -44,6 +49,9 @@ impl Element for f32 {
     }
     fn from_f32_slice(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+    fn as_f32(src: &[f32]) -> Option<&[f32]> {
+        Some(src)
     }
 }
 

@@ -301,20 +301,32 @@ fn pack_a<T: Element, A: ARows<T>>(
             out.truncate(len);
             out.resize(len, 0.0);
             let words = &mut tile.f32;
-            words.truncate(mr * kp);
-            words.resize(mr * kp, 0.0);
+            words.truncate(mr * k);
+            words.resize(mr * k, 0.0);
             for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
                 let rows = mr.min(mc - t * mr);
-                for (i, dst) in words.chunks_exact_mut(kp).enumerate() {
-                    if i < rows {
-                        let row = a.row(m0 + t * mr + i, &mut gather[..k]);
-                        T::to_f32_slice(row, &mut dst[..k]);
-                        dst[k..].fill(0.0);
-                    } else {
-                        dst.fill(0.0);
-                    }
+                // f32 rows are interleaved from where they are (the operand, or the gather
+                // buffer of a convolution); bf16 rows are widened into `words` first.
+                let mut refs: [&[f32]; MAX_MR] = [&[]; MAX_MR];
+                let widened = T::as_f32(&gather[..0]).is_none();
+                let mut wide_rows = words.chunks_exact_mut(k);
+                for (i, (r, g)) in refs
+                    .iter_mut()
+                    .zip(gather.chunks_exact_mut(k))
+                    .take(rows)
+                    .enumerate()
+                {
+                    let row = a.row(m0 + t * mr + i, g);
+                    *r = match (T::as_f32(row), widened) {
+                        (Some(f), false) => f,
+                        _ => {
+                            let dst = wide_rows.next().unwrap_or_default();
+                            T::to_f32_slice(row, dst);
+                            dst
+                        }
+                    };
                 }
-                interleave(words, mr, kp, panel);
+                interleave_rows(&refs[..mr], rows, k, panel);
             }
         }
         (AFormat::Bf16PairPanels, ABuf::Pairs(out)) => {
@@ -363,6 +375,54 @@ fn pack_a<T: Element, A: ARows<T>>(
 struct TileBuf {
     f32: Vec<f32>,
     pairs: Vec<u32>,
+}
+
+/// The largest MR of the kernels.
+const MAX_MR: usize = 16;
+
+/// Interleaves the first `live` of `rows` (MR row slices of at least `k` words) into a panel
+/// of `dst.len() / MR` groups of MR words: group `c < k` holds word `c` of each row (zero for
+/// rows from `live` on), the groups from `k` on (K padding) are zero.
+fn interleave_rows(rows: &[&[f32]], live: usize, k: usize, dst: &mut [f32]) {
+    #[inline(always)]
+    fn fixed<const MR: usize>(rows: &[&[f32]], live: usize, k: usize, dst: &mut [f32]) {
+        const EMPTY: &[f32] = &[];
+        let mut r: [&[f32]; MR] = [EMPTY; MR];
+        for (d, s) in r.iter_mut().zip(rows).take(live) {
+            *d = &s[..k];
+        }
+        let (body, pad) = dst.split_at_mut(k * MR);
+        if live == MR {
+            for (c, group) in body.chunks_exact_mut(MR).enumerate() {
+                for (d, row) in group.iter_mut().zip(&r) {
+                    *d = row[c];
+                }
+            }
+        } else {
+            for (c, group) in body.chunks_exact_mut(MR).enumerate() {
+                for (i, d) in group.iter_mut().enumerate() {
+                    *d = if i < live { r[i][c] } else { 0.0 };
+                }
+            }
+        }
+        pad.fill(0.0);
+    }
+    let mr = rows.len();
+    debug_assert!(live <= mr && dst.len() >= k * mr && dst.len().is_multiple_of(mr));
+    match mr {
+        12 => fixed::<12>(rows, live, k, dst),
+        6 => fixed::<6>(rows, live, k, dst),
+        4 => fixed::<4>(rows, live, k, dst),
+        _ => {
+            let (body, pad) = dst.split_at_mut(k * mr);
+            for (c, group) in body.chunks_exact_mut(mr).enumerate() {
+                for (i, d) in group.iter_mut().enumerate() {
+                    *d = if i < live { rows[i][c] } else { 0.0 };
+                }
+            }
+            pad.fill(0.0);
+        }
+    }
 }
 
 /// `dst[c * rows + r] = src[r * cols + c]`: `rows` rows of `cols` words become `cols` groups of
@@ -463,7 +523,8 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
     if tmp.len() < nc_max {
         tmp.resize(nc_max, 0.0);
     }
-    let mut gather = vec![T::ZERO; b.k];
+    // One gathered row per row of a micro-tile (the f32 panels are interleaved from them).
+    let mut gather = vec![T::ZERO; b.k * mr];
     let (b_base, b_elem) = match &b.data {
         BData::F32(v) => (v.as_ptr() as *const u8, 4),
         BData::Bf16(v) => (v.as_ptr() as *const u8, 2),
