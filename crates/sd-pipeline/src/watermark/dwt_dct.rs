@@ -32,7 +32,6 @@ pub(crate) trait Real:
     const TAP: Self;
     const ZERO: Self;
     fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
     fn abs(self) -> Self;
     fn is_nan(self) -> bool;
 }
@@ -42,9 +41,6 @@ impl Real for f32 {
     const ZERO: f32 = 0.0;
     fn to_f64(self) -> f64 {
         self as f64
-    }
-    fn from_f64(v: f64) -> f32 {
-        v as f32
     }
     fn abs(self) -> f32 {
         f32::abs(self)
@@ -59,9 +55,6 @@ impl Real for f64 {
     const ZERO: f64 = 0.0;
     fn to_f64(self) -> f64 {
         self
-    }
-    fn from_f64(v: f64) -> f64 {
-        v
     }
     fn abs(self) -> f64 {
         f64::abs(self)
