@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Tensor};
 use sd_core::testing::{compare, fixtures_dir, load_tensors};
 use sd_core::{LoadOptions, TorchGenerator};
-use sd_pipeline::{Flow, GenerateRequest, Output, StableDiffusion};
 use sd_pipeline::watermark::{
     apply_watermark, decode_dwt_dct_f32, decode_dwt_dct_rgb8, detect, encode_dwt_dct,
     WATERMARK_BITS,
 };
+use sd_pipeline::{Ensemble, Flow, GenerateRequest, Output, StableDiffusion};
 
 fn refs() -> HashMap<String, Tensor> {
     load_tensors(&fixtures_dir().join("refs/watermark.safetensors")).unwrap()
@@ -29,10 +29,16 @@ fn planes_0_255(x: &Tensor) -> [Vec<f32>; 3] {
 
 /// [H, W, 3] u8 of the reference to a flat RGB buffer.
 fn rgb_bytes(t: &Tensor) -> Vec<u8> {
-    t.to_dtype(DType::U8).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::U8)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
-const CASES: [(&str, usize, usize); 2] = [("gradient_320x256", 256, 320), ("noise_256x256", 256, 256)];
+const CASES: [(&str, usize, usize); 2] =
+    [("gradient_320x256", 256, 320), ("noise_256x256", 256, 256)];
 
 // Marked floats on diffusers' [-1, 1] scale. Measured max |Δ| against Python: 0 on both cases
 // (every f32 equal: the encoder repeats OpenCV's FMA order and pywt's Haar operation for
@@ -58,7 +64,10 @@ fn marked_images_match_diffusers() {
             .zip(&want)
             .filter(|(a, b)| a != b)
             .count();
-        println!("{name}: {diff} of {} bytes differ from the PNG bytes", want.len());
+        println!(
+            "{name}: {diff} of {} bytes differ from the PNG bytes",
+            want.len()
+        );
         assert_eq!(diff, 0, "{name}");
     }
 }
@@ -78,7 +87,11 @@ fn decoder_reads_what_imwatermark_reads() {
         let [mut pr, mut pg, mut pb] = planes_0_255(&r[&format!("{name}.input")]);
         encode_dwt_dct([&mut pr, &mut pg, &mut pb], h, w, &WATERMARK_BITS).unwrap();
         let got = decode_dwt_dct_f32([&pr, &pg, &pb], h, w, 48).unwrap();
-        assert_eq!(got, bits(&r[&format!("{name}.bits_float")]), "{name}: float");
+        assert_eq!(
+            got,
+            bits(&r[&format!("{name}.bits_float")]),
+            "{name}: float"
+        );
     }
 }
 
@@ -89,13 +102,22 @@ fn detect_counts_matching_bits() {
     let img = image::RgbImage::from_raw(256, 256, rgb_bytes(noise)).unwrap();
     let d = detect(&img).unwrap();
     let want = bits(&r["noise_256x256.bits_u8"]);
-    let matching = want.iter().zip(WATERMARK_BITS).filter(|(a, b)| **a == *b).count();
+    let matching = want
+        .iter()
+        .zip(WATERMARK_BITS)
+        .filter(|(a, b)| **a == *b)
+        .count();
     assert_eq!(d.matching, matching);
     assert!(d.is_sdxl());
     // the unmarked input, rounded as a PNG: no mark
-    let plain = sd_pipeline::image::to_rgb8(&sd_vae_denormalize(&r["noise_256x256.input"])).unwrap();
+    let plain =
+        sd_pipeline::image::to_rgb8(&sd_vae_denormalize(&r["noise_256x256.input"])).unwrap();
     let d = detect(&plain[0]).unwrap();
-    assert!(!d.is_sdxl(), "unmarked noise read {} matching bits", d.matching);
+    assert!(
+        !d.is_sdxl(),
+        "unmarked noise read {} matching bits",
+        d.matching
+    );
 }
 
 #[test]
@@ -108,8 +130,11 @@ fn narrow_images_are_left_alone() {
 }
 
 fn generate(model: &str, req: &GenerateRequest, seed: u64) -> Output {
-    let sd = StableDiffusion::load(&fixtures_dir().join("models").join(model), &LoadOptions::default())
-        .unwrap();
+    let sd = StableDiffusion::load(
+        &fixtures_dir().join("models").join(model),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     sd.generate(req, &mut TorchGenerator::new(seed), &mut |_| Flow::Continue)
         .unwrap()
 }
@@ -136,7 +161,10 @@ fn sdxl_pipeline_matches_diffusers_with_and_without_its_watermarker() {
     let marked = generate("sdxl", &req, 5);
     req.watermark = false;
     let plain = generate("sdxl", &req, 5);
-    for (name, out, key) in [("marked", &marked, "image"), ("unmarked", &plain, "image_no_watermark")] {
+    for (name, out, key) in [
+        ("marked", &marked, "image"),
+        ("unmarked", &plain, "image_no_watermark"),
+    ] {
         let (d, _) = compare(&hwc(out), &r[key], PIPELINE_ATOL, 0.0).unwrap();
         println!("{name}: max |Δ| vs diffusers {d:e}");
         assert!(d <= PIPELINE_ATOL, "{name}: {d:e}");
@@ -161,8 +189,35 @@ fn narrow_sdxl_and_sd1_images_are_never_marked() {
     for (model, h, w) in [("sdxl", 256, 248), ("sdxl", 248, 256), ("sd1", 256, 256)] {
         let on = run(model, h, w, true);
         let off = run(model, h, w, false);
-        let (d, _) = compare(on.images.as_ref().unwrap(), off.images.as_ref().unwrap(), 0.0, 0.0)
-            .unwrap();
+        let (d, _) = compare(
+            on.images.as_ref().unwrap(),
+            off.images.as_ref().unwrap(),
+            0.0,
+            0.0,
+        )
+        .unwrap();
         assert_eq!(d, 0.0, "{model} {w}x{h}: marked");
     }
+}
+
+#[test]
+fn the_ensemble_marks_the_refiners_image_once() {
+    let opts = LoadOptions::default();
+    let base = StableDiffusion::load(&fixtures_dir().join("models/sdxl"), &opts).unwrap();
+    let refiner =
+        StableDiffusion::load_refiner(&fixtures_dir().join("models/refiner"), &base, &opts)
+            .unwrap();
+    let mut req = GenerateRequest::new("a lighthouse in a storm");
+    req.steps = 4;
+    req.height = Some(256);
+    req.width = Some(256);
+    let out = Ensemble::new(&base, &refiner, 0.5)
+        .unwrap()
+        .generate(&req, &mut TorchGenerator::new(7), &mut |_| Flow::Continue)
+        .unwrap();
+    let images = out.images.unwrap();
+    let once = refiner.decode_output(&out.latents, true).unwrap();
+    let none = refiner.decode_output(&out.latents, false).unwrap();
+    assert_eq!(compare(&images, &once, 0.0, 0.0).unwrap().0, 0.0);
+    assert!(compare(&images, &none, 0.0, 0.0).unwrap().0 > 1e-3);
 }

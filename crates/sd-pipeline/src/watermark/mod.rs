@@ -125,7 +125,12 @@ pub fn encode_dwt_dct(
 /// imwatermark's `WatermarkDecoder("bits", len).decode(image, "dwtDct")` on an 8-bit image, read
 /// as imwatermark reads the BGR array `cv2.imread` gives (OpenCV's 8-bit YUV, float64 Haar):
 /// `len` bits, each 0 or 1.
-pub fn decode_dwt_dct_rgb8(pixels: &[u8], height: usize, width: usize, len: usize) -> Result<Vec<u8>> {
+pub fn decode_dwt_dct_rgb8(
+    pixels: &[u8],
+    height: usize,
+    width: usize,
+    len: usize,
+) -> Result<Vec<u8>> {
     check_size(height, width)?;
     let n = height * width;
     if pixels.len() != 3 * n {
@@ -193,7 +198,10 @@ impl Detection {
 
     /// The bits as a string of 0s and 1s.
     pub fn bit_string(&self) -> String {
-        self.bits.iter().map(|&b| if b == 1 { '1' } else { '0' }).collect()
+        self.bits
+            .iter()
+            .map(|&b| if b == 1 { '1' } else { '0' })
+            .collect()
     }
 }
 
@@ -203,7 +211,11 @@ impl Detection {
 pub fn detect(image: &::image::RgbImage) -> Result<Detection> {
     let (w, h) = image.dimensions();
     let bits = decode_dwt_dct_rgb8(image.as_raw(), h as usize, w as usize, WATERMARK_BITS.len())?;
-    let matching = bits.iter().zip(WATERMARK_BITS).filter(|(a, b)| **a == *b).count();
+    let matching = bits
+        .iter()
+        .zip(WATERMARK_BITS)
+        .filter(|(a, b)| **a == *b)
+        .count();
     Ok(Detection { bits, matching })
 }
 
@@ -213,7 +225,10 @@ mod tests {
 
     #[test]
     fn message_bits_are_diffusers_binary_literal() {
-        let text: String = WATERMARK_BITS.iter().map(|b| char::from(b'0' + b)).collect();
+        let text: String = WATERMARK_BITS
+            .iter()
+            .map(|b| char::from(b'0' + b))
+            .collect();
         assert_eq!(text, "101100111110110010010000011110111011000110011110");
     }
 
