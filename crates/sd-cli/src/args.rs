@@ -22,6 +22,10 @@ pub enum Command {
     Img2img(Img2Img),
     /// Print the version, the CPU and the kernel path in use (`SD_CPU_ISA` caps it).
     Info,
+    /// Read SDXL's invisible watermark from an image (PNG or JPEG, at least 256x256 pixels):
+    /// prints the 48 bits as hex and whether they are the mark diffusers and sd-rs put on SDXL
+    /// images (see docs/watermark.md). Exits 0 whether or not the mark is found.
+    Watermark(WatermarkArgs),
     /// Serve an HTTP API compatible with AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress,
     /// interrupt, ...; see docs/server.md). The model stays loaded; one generation runs at a
     /// time, others wait in a bounded queue.
@@ -82,6 +86,17 @@ pub struct Serve {
     /// Weight-file variant to prefer, e.g. fp16.
     #[arg(long)]
     pub variant: Option<String>,
+    /// Do not put SDXL's invisible watermark on SDXL images (AUTOMATIC1111 never marks; the
+    /// default marks them, as `sd txt2img` and diffusers do). See docs/watermark.md.
+    #[arg(long)]
+    pub no_watermark: bool,
+}
+
+/// `sd watermark`'s arguments.
+#[derive(Debug, Args)]
+pub struct WatermarkArgs {
+    /// The image to read.
+    pub file: PathBuf,
 }
 
 /// img2img's own options.
@@ -246,4 +261,9 @@ pub struct Common {
     /// Replace existing output files (otherwise sd refuses to overwrite them).
     #[arg(long)]
     pub overwrite: bool,
+    /// Do not put SDXL's invisible watermark on SDXL images (diffusers' add_watermarker=False).
+    /// By default SDXL images at least 256 pixels wide carry it, as with diffusers; SD 1.x/2.x
+    /// images never do. See docs/watermark.md.
+    #[arg(long)]
+    pub no_watermark: bool,
 }

@@ -69,6 +69,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Txt2img(c) => generate(&c, None),
         Command::Img2img(i) => generate(&i.common, Some((&i.image, i.strength))),
         Command::Serve(s) => serve(&s),
+        Command::Watermark(w) => watermark(&w.file),
         Command::Info => {
             println!("sd {}", env!("CARGO_PKG_VERSION"));
             println!("{}", sd_kernels::isa::describe());
@@ -141,6 +142,7 @@ fn serve(s: &args::Serve) -> Result<()> {
         load_options: opts.clone(),
         lora_dir: s.lora_dir.clone(),
         embeddings_dir: s.embeddings_dir.clone(),
+        watermark: !s.no_watermark,
     };
     let server = sd_server::Server::start(model, config)?;
     println!(
@@ -150,6 +152,38 @@ fn serve(s: &args::Serve) -> Result<()> {
     use std::io::Write;
     std::io::stdout().flush().ok();
     server.wait_for_ctrl_c();
+    Ok(())
+}
+
+/// `sd watermark FILE`: the 48 bits of SDXL's invisible watermark as hex, and whether they are
+/// diffusers' mark (exit 0 either way; an error only when the image cannot be read).
+fn watermark(file: &Path) -> Result<()> {
+    use sd_pipeline::watermark::{
+        detect, MIN_MATCHING_BITS, MIN_PIXELS, WATERMARK_BITS, WATERMARK_MESSAGE,
+    };
+    let img = sd_pipeline::image::read_rgb8(file)?;
+    let (w, h) = img.dimensions();
+    if (w as usize).saturating_mul(h as usize) < MIN_PIXELS {
+        println!("bits: none ({w}x{h} is under the watermark's 256x256 minimum)");
+        println!("sdxl watermark: no (too small to carry it)");
+        return Ok(());
+    }
+    let d = detect(&img).with_context(|| format!("reading the watermark of {}", file.display()))?;
+    let read = d
+        .bits
+        .iter()
+        .fold(0u64, |acc, &b| (acc << 1) | u64::from(b & 1));
+    println!("bits: {read:012x}");
+    println!(
+        "matching: {} of {} (SDXL mark {WATERMARK_MESSAGE:012x})",
+        d.matching,
+        WATERMARK_BITS.len()
+    );
+    if d.is_sdxl() {
+        println!("sdxl watermark: yes");
+    } else {
+        println!("sdxl watermark: no (needs {MIN_MATCHING_BITS} or more matching bits)");
+    }
     Ok(())
 }
 
@@ -283,6 +317,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     req.height = c.height;
     req.width = c.width;
     req.num_images_per_prompt = c.num_images;
+    req.watermark = !c.no_watermark;
     let seed = c.seed.unwrap_or_else(random_seed);
     if c.seed.is_none() {
         eprintln!("seed: {seed}");

@@ -31,6 +31,7 @@ pub mod model_index;
 mod pipeline;
 pub mod request;
 mod single_file;
+pub mod watermark;
 
 pub use ensemble::Ensemble;
 pub use infotext::Infotext;

@@ -583,7 +583,7 @@ impl StableDiffusion {
         )?;
         let images = match req.output {
             OutputType::Latents => None,
-            OutputType::Image => Some(self.decode_latents(&latents)?),
+            OutputType::Image => Some(self.decode_output(&latents, req.watermark)?),
         };
         Ok(Output {
             latents,
@@ -825,10 +825,29 @@ impl StableDiffusion {
     }
 
     /// Step 4: latents to images `[N, 3, H, W]` in [0, 1] (f32), as diffusers' VAE decode and
-    /// `VaeImageProcessor.postprocess` (NaN/inf is an error, never a black image).
+    /// `VaeImageProcessor.postprocess` (NaN/inf is an error, never a black image). Never
+    /// watermarked: use it for previews; a run's final images go through
+    /// [`StableDiffusion::decode_output`].
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let image = self.vae.image_from_latents(latents)?;
         sd_vae::image::denormalize(&image)
+    }
+
+    /// Step 4 as a run ends: [`StableDiffusion::decode_latents`] with SDXL's invisible watermark
+    /// applied between the VAE and the post-processing when `watermark` is set and the model is
+    /// an SDXL base or refiner, as diffusers' SDXL pipelines do with `invisible-watermark`
+    /// installed ([`crate::watermark::apply_watermark`]; images narrower than 256 pixels are
+    /// left alone). SD 1.x and 2.x images are never marked. [`StableDiffusion::generate`] calls
+    /// it with [`GenerateRequest::watermark`].
+    ///
+    /// # Shapes: latents [N, C, h, w] -> [N, 3, H, W] f32 in [0, 1].
+    pub fn decode_output(&self, latents: &Tensor, watermark: bool) -> Result<Tensor> {
+        let image = self.vae.image_from_latents(latents)?;
+        if watermark && self.family != ModelFamily::Sd {
+            sd_vae::image::denormalize(&crate::watermark::apply_watermark(&image)?)
+        } else {
+            sd_vae::image::denormalize(&image)
+        }
     }
 }
 

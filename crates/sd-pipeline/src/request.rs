@@ -133,6 +133,11 @@ pub struct GenerateRequest {
     pub micro: MicroConditioning,
     /// Images or latents.
     pub output: OutputType,
+    /// SDXL's invisible watermark on the decoded images (diffusers' `add_watermarker`, on by
+    /// default there when `invisible-watermark` is installed; see docs/watermark.md). Only SDXL
+    /// base and refiner images at least 256 pixels wide are marked; SD 1.x/2.x never are. In
+    /// the base + refiner ensemble only the refiner's decoded output is marked.
+    pub watermark: bool,
 }
 
 impl GenerateRequest {
@@ -156,6 +161,7 @@ impl GenerateRequest {
             denoising_end: None,
             micro: MicroConditioning::default(),
             output: OutputType::Image,
+            watermark: true,
         }
     }
 }

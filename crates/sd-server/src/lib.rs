@@ -164,6 +164,9 @@ pub struct ServerConfig {
     pub lora_dir: Option<PathBuf>,
     /// Folder of textual-inversion embeddings, listed by `/embeddings`.
     pub embeddings_dir: Option<PathBuf>,
+    /// SDXL's invisible watermark on SDXL images (on, as the `sd` command and diffusers;
+    /// AUTOMATIC1111 never marks: `false` gives its images). See docs/watermark.md.
+    pub watermark: bool,
 }
 
 impl Default for ServerConfig {
@@ -178,6 +181,7 @@ impl Default for ServerConfig {
             load_options: LoadOptions::default(),
             lora_dir: None,
             embeddings_dir: None,
+            watermark: true,
         }
     }
 }

@@ -173,7 +173,9 @@ async fn generate(
     // Validation decodes init images: off the async threads.
     let st = s.clone();
     let plan = tokio::task::spawn_blocking(move || {
-        plan::plan(&st.models, &st.config.limits, &st.options(), req, mode)
+        let mut plan = plan::plan(&st.models, &st.config.limits, &st.options(), req, mode)?;
+        plan.request.watermark = st.config.watermark;
+        Ok::<_, ApiError>(plan)
     })
     .await
     .map_err(|e| ApiError::internal(format!("validating the request: {e}")))??;

@@ -92,7 +92,8 @@ fn generate(model: &Model, job: &Job, queue: &Queue) -> Result<Value, ApiError> 
             // skipped: on to the next image
             continue;
         }
-        let decoded = model.sd.decode_latents(&out.latents)?;
+        // the server's watermark setting (ServerConfig::watermark) is in the request
+        let decoded = model.sd.decode_output(&out.latents, req.watermark)?;
         let rgb = sd_pipeline::image::to_rgb8(&decoded)?;
         let img = rgb
             .first()
