@@ -82,6 +82,9 @@ pub struct Serve {
     /// Weight-file variant to prefer, e.g. fp16.
     #[arg(long)]
     pub variant: Option<String>,
+    /// Skip the memory pre-check before loading (generation requests are always checked).
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 /// img2img's own options.
@@ -246,4 +249,13 @@ pub struct Common {
     /// Replace existing output files (otherwise sd refuses to overwrite them).
     #[arg(long)]
     pub overwrite: bool,
+    /// Decode (and encode) the image in tiles of the VAE's sample size: memory then depends on
+    /// the tile, not the image (seams are blended; the result differs slightly from untiled).
+    /// Without it, images above 2 megapixels are tiled anyway.
+    #[arg(long)]
+    pub vae_tiling: bool,
+    /// Skip the memory pre-check (the estimate of the memory loading and generating need,
+    /// compared with what the machine has available; docs/reliability.md).
+    #[arg(long)]
+    pub no_memory_check: bool,
 }

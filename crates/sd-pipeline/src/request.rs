@@ -133,6 +133,9 @@ pub struct GenerateRequest {
     pub micro: MicroConditioning,
     /// Images or latents.
     pub output: OutputType,
+    /// Refuse the run before it starts when its estimated memory exceeds what the machine has
+    /// available ([`crate::memory`]); on by default.
+    pub memory_check: bool,
 }
 
 impl GenerateRequest {
@@ -156,6 +159,7 @@ impl GenerateRequest {
             denoising_end: None,
             micro: MicroConditioning::default(),
             output: OutputType::Image,
+            memory_check: true,
         }
     }
 }
