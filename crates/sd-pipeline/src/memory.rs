@@ -440,7 +440,7 @@ pub fn check(what: &str, need: &MemoryEstimate, available: &Available) -> Result
     Err(Error::invalid_argument(
         "memory",
         format!(
-            "{what} needs about {} ({}), but {} is available ({})",
+            "{what}, which needs about {} ({}), with {} available ({})",
             gib(bytes),
             parts.join(", "),
             gib(available.bytes),

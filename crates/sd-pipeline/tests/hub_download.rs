@@ -32,10 +32,13 @@ struct Seen {
     range: Option<String>,
 }
 
+/// A revision's files: path -> bytes.
+type Files = Arc<BTreeMap<String, Vec<u8>>>;
+
 #[derive(Default)]
 struct State {
     /// revision name or commit -> (commit, files).
-    revisions: HashMap<String, (String, Arc<BTreeMap<String, Vec<u8>>>)>,
+    revisions: HashMap<String, (String, Files)>,
     token: Option<String>,
     /// Files whose next `n` body GETs are cut halfway (the connection closed after half).
     cut: HashMap<String, usize>,
