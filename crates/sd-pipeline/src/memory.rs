@@ -70,7 +70,9 @@ pub struct MemoryEstimate {
 impl MemoryEstimate {
     /// The bytes needed.
     pub fn bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.bytes).sum()
+        self.parts
+            .iter()
+            .fold(0u64, |a, p| a.saturating_add(p.bytes))
     }
 
     fn push(&mut self, what: impl Into<String>, bytes: u64) {
@@ -246,65 +248,65 @@ pub fn estimate_generate(
     s: &GenerateShape,
 ) -> MemoryEstimate {
     let mut est = MemoryEstimate::default();
+    // In f64: no product of absurd sizes can overflow (the result saturates when converted).
     let f = vae.scale_factor().max(1) as u64;
     let (hh, ww) = (s.height as u64, s.width as u64);
     let (lh, lw) = (hh / f, ww / f);
-    let n = s.images.max(1) as u64;
-    let batch = if s.guidance { 2 * n } else { n };
+    let n = s.images.max(1) as f64;
+    let batch = if s.guidance { 2.0 * n } else { n };
 
     // UNet: the skip connections kept for the up path (conv_in's output, each layer's, each
     // downsampler's), the working maps of the largest block, the attention scores.
-    let ub = dtype_bytes(unet_dtype);
+    let ub = dtype_bytes(unet_dtype) as f64;
     let levels = unet.down_blocks.len().max(1);
     let mut res = vec![(lh, lw)];
     for k in 1..levels {
         let (h, w) = res[k - 1];
         res.push((h.div_ceil(2), w.div_ceil(2)));
     }
-    let area = |k: usize| res.get(k).map_or(0, |&(h, w)| h * w);
-    let mut skips = unet.block_out_channels.first().map_or(0, |&c| c as u64) * area(0);
-    let mut block: u64 = 0;
-    let mut attention: u64 = 0;
+    let area = |k: usize| res.get(k).map_or(0.0, |&(h, w)| h as f64 * w as f64);
+    let maps = UNET_BLOCK_MAPS as f64;
+    let mut skips = unet.block_out_channels.first().map_or(0.0, |&c| c as f64) * area(0);
+    let mut block: f64 = 0.0;
+    let mut attention: f64 = 0.0;
     for (k, b) in unet.down_blocks.iter().enumerate() {
-        let map = b.out_channels as u64 * area(k);
-        skips += map * b.num_layers as u64;
+        let map = b.out_channels as f64 * area(k);
+        skips += map * b.num_layers as f64;
         if b.add_downsample {
-            skips += b.out_channels as u64 * area(k + 1);
+            skips += b.out_channels as f64 * area(k + 1);
         }
-        block = block.max(UNET_BLOCK_MAPS * map + b.in_channels as u64 * area(k));
+        block = block.max(maps * map + b.in_channels as f64 * area(k));
         if let Some(t) = &b.transformer {
-            attention = attention.max(score_bytes(batch, t.num_heads as u64, area(k), cpu));
+            attention = attention.max(score_bytes(batch, t.num_heads as f64, area(k), cpu));
         }
     }
     for (j, b) in unet.up_blocks.iter().enumerate() {
         let k = levels.saturating_sub(1 + j);
-        let concat = (b.prev_output_channels.max(b.out_channels) + b.in_channels) as u64 * area(k);
-        block = block.max(UNET_BLOCK_MAPS * b.out_channels as u64 * area(k) + concat);
+        let concat =
+            (b.prev_output_channels.max(b.out_channels) as f64 + b.in_channels as f64) * area(k);
+        block = block.max(maps * b.out_channels as f64 * area(k) + concat);
         if let Some(t) = &b.transformer {
-            attention = attention.max(score_bytes(batch, t.num_heads as u64, area(k), cpu));
+            attention = attention.max(score_bytes(batch, t.num_heads as f64, area(k), cpu));
         }
     }
-    let unet_bytes = batch
-        .saturating_mul(skips.saturating_add(block))
-        .saturating_mul(ub)
-        .saturating_add(attention);
+    let unet_bytes = batch * (skips + block) * ub + attention;
 
     // VAE: the decoder's largest map (an up block's output, before and after its upsampler) at
     // the size decoded at once (the whole image, or one tile), its mid-block attention, and the
     // image in the VAE dtype and in f32 (twice more while tiles are stitched).
-    let vb = dtype_bytes(vae_dtype);
+    let vb = dtype_bytes(vae_dtype) as f64;
     let tile = tile_pixels(tiling, s.height, s.width, lh, lw);
     let (dh, dw) = match tile {
         Some(t) => (t.min(hh), t.min(ww)),
         None => (hh, ww),
     };
-    let rev: Vec<u64> = vae
+    let rev: Vec<f64> = vae
         .block_out_channels
         .iter()
         .rev()
-        .map(|&c| c as u64)
+        .map(|&c| c as f64)
         .collect();
-    let mut largest: u64 = 0;
+    let mut largest: f64 = 0.0;
     for (i, c) in rev.iter().enumerate() {
         // Up block i works at 1 / 2^(levels - 1 - i) of full size; all but the last end with an
         // upsampler, whose output has the block's channels at the next size.
@@ -314,18 +316,19 @@ pub fn estimate_generate(
         } else {
             down
         };
-        let at = |d: u64| (dh >> d) * (dw >> d);
+        let at = |d: u64| (dh >> d) as f64 * (dw >> d) as f64;
         largest = largest.max(c * at(down)).max(c * at(up));
     }
-    let image = n * 3 * hh * ww * 4;
+    let image = n * 3.0 * hh as f64 * ww as f64 * 4.0;
     let vae_bytes = if s.decode || s.encode {
-        let stitched = if tile.is_some() { 2 * image } else { 0 };
-        n.saturating_mul(VAE_BLOCK_MAPS * largest)
-            .saturating_mul(vb)
-            .saturating_add(score_bytes(n, 1, (dh / f) * (dw / f), cpu))
-            .saturating_add(2 * image + stitched)
+        let stitched = if tile.is_some() { 2.0 * image } else { 0.0 };
+        let mid_tokens = (dh / f) as f64 * (dw / f) as f64;
+        n * VAE_BLOCK_MAPS as f64 * largest * vb
+            + score_bytes(n, 1.0, mid_tokens, cpu)
+            + 2.0 * image
+            + stitched
     } else {
-        0
+        0.0
     };
 
     // The UNet step and the VAE never run at once: the larger counts.
@@ -334,36 +337,31 @@ pub fn estimate_generate(
             Some(t) => format!("in {t}x{t} tiles"),
             None => "untiled".into(),
         };
+        let step = if s.decode { "decode" } else { "encode" };
         est.push(
-            format!(
-                "vae {} ({n} x {hh}x{ww} {how}, {vae_dtype:?})",
-                if s.decode { "decode" } else { "encode" }
-            ),
-            vae_bytes,
+            format!("vae {step} ({n} x {hh}x{ww} {how}, {vae_dtype:?})"),
+            vae_bytes as u64,
         );
     } else {
         est.push(
             format!("unet step ({batch} x {lh}x{lw} latents, {unet_dtype:?})"),
-            unet_bytes,
+            unet_bytes as u64,
         );
     }
     // Latents, noise, the prediction and its guidance halves, in f32.
-    est.push("latents", batch * unet.in_channels as u64 * lh * lw * 4 * 4);
+    let latents = batch * unet.in_channels as f64 * lh as f64 * lw as f64 * 4.0 * 4.0;
+    est.push("latents", latents as u64);
     est
 }
 
 /// Attention scores held at once for `batch x heads` slices of `tokens x tokens`.
-fn score_bytes(batch: u64, heads: u64, tokens: u64, cpu_blocked: bool) -> u64 {
+fn score_bytes(batch: f64, heads: f64, tokens: f64, cpu_blocked: bool) -> f64 {
     if cpu_blocked {
         // Scores per block of query rows per thread: small against the maps.
-        return 0;
+        return 0.0;
     }
-    let all = batch
-        .saturating_mul(heads)
-        .saturating_mul(tokens)
-        .saturating_mul(tokens)
-        .saturating_mul(4);
-    2 * all.min(SCORE_CHUNK_BYTES.max(tokens.saturating_mul(4)))
+    let all = batch * heads * tokens * tokens * 4.0;
+    2.0 * all.min((SCORE_CHUNK_BYTES as f64).max(tokens * 4.0))
 }
 
 /// The tile size in pixels when the decode of an `height x width` image is tiled.
@@ -385,7 +383,7 @@ fn tile_pixels(tiling: Tiling, height: usize, width: usize, lh: u64, lw: u64) ->
     (lh > lt || lw > lt).then_some(t.sample_size as u64)
 }
 
-/// The shapes of `req` on `sd` at `size` (height, width).
+/// The shapes of `req` at `size` (height, width).
 pub fn generate_shape(req: &GenerateRequest, size: (usize, usize)) -> GenerateShape {
     let prompts = match &req.prompt_embeds {
         Some(PromptEmbeds { prompt_embeds, .. }) => prompt_embeds.dim(0).unwrap_or(1),
@@ -412,7 +410,7 @@ pub fn estimate_for(
     let cpu = sd.vae.device().is_cpu();
     let blocked = |d: DType| cpu && d != DType::F16;
     let udt = sd.unet.dtype();
-    // The VAE's attention path follows its own dtype; the UNet's dominates the flag.
+    // One flag for both models: the chunked scores are counted when either computes in f16.
     estimate_generate(
         sd.unet.config(),
         udt,
@@ -454,8 +452,12 @@ pub fn check(what: &str, need: &MemoryEstimate, available: &Available) -> Result
 }
 
 /// Checks loading `dir` with `opts` against the memory available now (passes where it cannot be
-/// read).
+/// read, and for devices other than the CPU).
 pub fn check_load(dir: &Path, opts: &LoadOptions) -> Result<()> {
+    // Weights on a GPU are in its memory, which this does not read.
+    if !opts.device.is_cpu() {
+        return Ok(());
+    }
     let Some(avail) = available() else {
         return Ok(());
     };
@@ -476,17 +478,26 @@ pub(crate) fn check_generate(
     req: &GenerateRequest,
     size: (usize, usize),
 ) -> Result<()> {
+    if !sd.vae.device().is_cpu() {
+        return Ok(());
+    }
+    // Counts and sizes past what the pipeline accepts at all are refused by its own checks,
+    // which name the field (`num_images_per_prompt`, the noise shape).
+    let images = generate_shape(req, size).images;
+    let elements = size
+        .0
+        .checked_mul(size.1)
+        .and_then(|a| a.checked_mul(images))
+        .and_then(|a| a.checked_mul(64));
+    if images > crate::MAX_BATCH || elements.is_none() {
+        return Ok(());
+    }
     let Some(avail) = available() else {
         return Ok(());
     };
     let need = estimate_for(sd, req, size);
     check(
-        &format!(
-            "generating {} image(s) of {}x{}",
-            generate_shape(req, size).images,
-            size.1,
-            size.0
-        ),
+        &format!("generating {images} image(s) of {}x{}", size.1, size.0),
         &need,
         &avail,
     )

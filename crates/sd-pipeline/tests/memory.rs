@@ -160,6 +160,21 @@ fn sd15_estimates_by_hand() {
     assert_eq!(four.parts[0].bytes, 4 * 1_342_177_280 + 4 * 2 * 3_145_728);
 }
 
+#[test]
+fn absurd_shapes_saturate_instead_of_overflowing() {
+    let (unet, vae) = sd15();
+    let s = GenerateShape {
+        images: usize::MAX,
+        ..shape(1, usize::MAX, usize::MAX)
+    };
+    for tiling in [Tiling::Off, Tiling::On(TileConfig::from_config(&vae))] {
+        for cpu in [true, false] {
+            let e = estimate_generate(&unet, DType::F32, &vae, DType::F32, tiling, cpu, &s);
+            assert!(e.bytes() >= u64::MAX / 2, "{e:?}");
+        }
+    }
+}
+
 /// The data bytes of a safetensors file: its size less the 8-byte length and the header.
 fn data_bytes(p: &Path) -> u64 {
     let b = std::fs::read(p).unwrap();
