@@ -90,6 +90,9 @@ pub struct Serve {
     /// default marks them, as `sd txt2img` and diffusers do). See docs/watermark.md.
     #[arg(long)]
     pub no_watermark: bool,
+    /// Skip the memory pre-check before loading (generation requests are always checked).
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 /// `sd watermark`'s arguments.
@@ -266,4 +269,13 @@ pub struct Common {
     /// images never do. See docs/watermark.md.
     #[arg(long)]
     pub no_watermark: bool,
+    /// Decode (and encode) the image in tiles of the VAE's sample size: memory then depends on
+    /// the tile, not the image (seams are blended; the result differs slightly from untiled).
+    /// Without it, images above 2 megapixels are tiled anyway.
+    #[arg(long)]
+    pub vae_tiling: bool,
+    /// Skip the memory pre-check (the estimate of the memory loading and generating need,
+    /// compared with what the machine has available; docs/reliability.md).
+    #[arg(long)]
+    pub no_memory_check: bool,
 }

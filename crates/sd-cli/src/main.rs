@@ -112,6 +112,9 @@ fn serve(s: &args::Serve) -> Result<()> {
         bail!("--max-size must be at least 8, --max-steps and --max-batch at least 1");
     }
     eprintln!("loading {} ...", dir.display());
+    if !s.no_memory_check {
+        sd_pipeline::memory::check_load(&dir, &opts)?;
+    }
     let sd =
         StableDiffusion::load(&dir, &opts).with_context(|| format!("loading {}", dir.display()))?;
     let defaults = if is_demo {
@@ -258,7 +261,16 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         output::check_writable(std::slice::from_ref(p), c.overwrite)?;
     }
 
+    if let (ModelSource::Folder(dir), false) = (&model, c.no_memory_check) {
+        sd_pipeline::memory::check_load(dir, &opts)?;
+    }
     let mut sd = model.load(&opts, &sf, None)?;
+    if c.vae_tiling {
+        let tiles = sd_pipeline::vae::Tiling::On(sd_pipeline::vae::TileConfig::from_config(
+            sd.vae.config(),
+        ));
+        sd.vae = std::sync::Arc::new(sd.vae.with_tiling(tiles)?);
+    }
     if !c.loras.is_empty() {
         let loras = c
             .loras
@@ -318,6 +330,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     req.width = c.width;
     req.num_images_per_prompt = c.num_images;
     req.watermark = !c.no_watermark;
+    req.memory_check = !c.no_memory_check;
     let seed = c.seed.unwrap_or_else(random_seed);
     if c.seed.is_none() {
         eprintln!("seed: {seed}");

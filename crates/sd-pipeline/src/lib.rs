@@ -27,6 +27,7 @@ pub mod hub;
 pub mod image;
 mod infotext;
 mod lora;
+pub mod memory;
 pub mod model_index;
 mod pipeline;
 pub mod request;

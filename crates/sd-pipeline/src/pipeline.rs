@@ -566,6 +566,9 @@ impl StableDiffusion {
             ));
         }
         let (height, width) = self.resolve_size(req)?;
+        if req.memory_check {
+            crate::memory::check_generate(self, req, (height, width))?;
+        }
         let cond = self.encode_prompt(req)?;
         scheduler.set_timesteps(req.steps)?;
         let (start, end) = self.step_range(scheduler, req)?;

@@ -138,6 +138,9 @@ pub struct GenerateRequest {
     /// base and refiner images at least 256 pixels wide are marked; SD 1.x/2.x never are. In
     /// the base + refiner ensemble only the refiner's decoded output is marked.
     pub watermark: bool,
+    /// Refuse the run before it starts when its estimated memory exceeds what the machine has
+    /// available ([`crate::memory`]); on by default.
+    pub memory_check: bool,
 }
 
 impl GenerateRequest {
@@ -162,6 +165,7 @@ impl GenerateRequest {
             micro: MicroConditioning::default(),
             output: OutputType::Image,
             watermark: true,
+            memory_check: true,
         }
     }
 }

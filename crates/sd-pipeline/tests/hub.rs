@@ -27,6 +27,7 @@ fn offline(cache: &Path) -> HubConfig {
         endpoint: "http://127.0.0.1:9".into(),
         token: None,
         offline: true,
+        revision: "main".into(),
     }
 }
 
