@@ -26,6 +26,12 @@ pub enum Command {
     /// prints the 48 bits as hex and whether they are the mark diffusers and sd-rs put on SDXL
     /// images (see docs/watermark.md). Exits 0 whether or not the mark is found.
     Watermark(WatermarkArgs),
+    /// Print the generation parameters (AUTOMATIC1111's `parameters` text) of a PNG written by
+    /// AUTOMATIC1111 or sd-rs.
+    Pnginfo {
+        /// The PNG file.
+        file: PathBuf,
+    },
     /// Serve an HTTP API compatible with AUTOMATIC1111's /sdapi/v1 (txt2img, img2img, progress,
     /// interrupt, ...; see docs/server.md). The model stays loaded; one generation runs at a
     /// time, others wait in a bounded queue.
@@ -71,7 +77,8 @@ pub struct Serve {
     /// /sdapi/v1/options) naming one in sd_model_checkpoint loads it once and keeps it loaded.
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
-    /// Folder of LoRA files, listed by /sdapi/v1/loras (not applied yet).
+    /// Folder of LoRA files, listed by /sdapi/v1/loras; a prompt's <lora:NAME:WEIGHT> or
+    /// <lora:NAME:TE_WEIGHT:UNET_WEIGHT> tag loads NAME.safetensors from it for that request.
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
     /// Folder of textual-inversion embeddings, listed by /sdapi/v1/embeddings (not applied yet).
@@ -109,8 +116,9 @@ pub struct Img2Img {
     #[arg(long)]
     pub image: PathBuf,
     /// How much to change the image, in (0, 1]: the fraction of the schedule that is run.
-    #[arg(long, default_value_t = 0.8)]
-    pub strength: f64,
+    /// Default: 0.8, or the PNG's Denoising strength with --from-png.
+    #[arg(long)]
+    pub strength: Option<f64>,
     /// Everything txt2img takes.
     #[command(flatten)]
     pub common: Common,
@@ -162,6 +170,11 @@ pub struct Common {
     /// (not to the refiner).
     #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
     pub loras: Vec<String>,
+    /// Folder where a prompt's <lora:NAME:WEIGHT> or <lora:NAME:TE_WEIGHT:UNET_WEIGHT> tags
+    /// find NAME.safetensors (AUTOMATIC1111's models/Lora); the tags are taken out of the text
+    /// and the LoRAs applied with those strengths (as --lora, to --model only).
+    #[arg(long)]
+    pub lora_dir: Option<PathBuf>,
     /// Warn about LoRA keys that match no module of the model and apply the rest (default: an
     /// error listing them).
     #[arg(long)]
@@ -182,8 +195,14 @@ pub struct Common {
     #[arg(long, value_enum)]
     pub prediction_type: Option<PredictionTypeArg>,
     /// The prompt.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "from_png")]
+    pub prompt: Option<String>,
+    /// Take the settings from the parameters of a PNG written by AUTOMATIC1111 or sd-rs (see
+    /// `sd pnginfo`): prompt, negative prompt, steps, sampler and schedule type, CFG scale,
+    /// seed, size, clip skip (and img2img's denoising strength). Flags given as well override
+    /// them. With the same model, a PNG sd-rs wrote regenerates to the same image.
+    #[arg(long, value_name = "FILE")]
+    pub from_png: Option<PathBuf>,
     /// What the image should not show.
     #[arg(long)]
     pub negative_prompt: Option<String>,
@@ -203,9 +222,9 @@ pub struct Common {
     #[arg(long)]
     pub schedule_type: Option<String>,
     /// How the prompts are read. a1111: AUTOMATIC1111's syntax, (word:1.3) weights, (word) and
-    /// [word], BREAK, no 77-token limit (75-token chunks); <lora:NAME:W> tags are taken out and
-    /// not applied yet; [from:to:when], [a|b] and AND are refused. plain: diffusers, the text as
-    /// written, truncated at 77 tokens with a warning.
+    /// [word], BREAK, no 77-token limit (75-token chunks), prompt editing [from:to:when] and
+    /// alternation [a|b]; <lora:NAME:W> tags load LoRAs from --lora-dir; AND is refused. plain:
+    /// diffusers, the text as written, truncated at 77 tokens with a warning.
     #[arg(long, value_enum, default_value_t = PromptSyntaxArg::A1111)]
     pub prompt_syntax: PromptSyntaxArg,
     /// AUTOMATIC1111's "Clip skip": 1 uses the text encoder's last layer, 2 the penultimate, ...

@@ -3,6 +3,7 @@
 
 mod args;
 mod demo;
+mod from_png;
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use sd_pipeline::core::candle_core::{DType, Device, Tensor};
 use sd_pipeline::core::{LoadOptions, TorchGenerator};
 use sd_pipeline::formats::{EmbeddingFile, LoraFile};
 use sd_pipeline::hub::{resolve_config, resolve_model, HubConfig};
+use sd_pipeline::prompt_loras::{lora_hashes, prompt_loras, LoraDir};
 use sd_pipeline::schedulers::PredictionType;
 use sd_pipeline::{
     Ensemble, Flow, GenerateRequest, Infotext, Init, LoraOptions, PromptSyntax, SchedulerKind,
@@ -66,8 +68,22 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Txt2img(c) => generate(&c, None),
-        Command::Img2img(i) => generate(&i.common, Some((&i.image, i.strength))),
+        Command::Txt2img(mut c) => {
+            if let Some(p) = c.from_png.clone() {
+                from_png::apply(&p, &mut c, None)?;
+            }
+            generate(&c, None)
+        }
+        Command::Img2img(mut i) => {
+            if let Some(p) = i.common.from_png.clone() {
+                from_png::apply(&p, &mut i.common, Some(&mut i.strength))?;
+            }
+            generate(&i.common, Some((&i.image, i.strength.unwrap_or(0.8))))
+        }
+        Command::Pnginfo { file } => {
+            println!("{}", from_png::parameters(&file)?);
+            Ok(())
+        }
         Command::Serve(s) => serve(&s),
         Command::Watermark(w) => watermark(&w.file),
         Command::Info => {
@@ -261,6 +277,25 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         output::check_writable(std::slice::from_ref(p), c.overwrite)?;
     }
 
+    // LoRAs: --lora files, then the prompt's <lora:...> tags (A1111 syntax only).
+    let mut loras = c
+        .loras
+        .iter()
+        .map(|spec| parse_lora(spec).map(|(f, w)| (f, w, w)))
+        .collect::<Result<Vec<_>>>()?;
+    let prompt = c.prompt.clone().context("--prompt is required")?;
+    let tag_loras = match c.prompt_syntax {
+        PromptSyntaxArg::A1111 => {
+            prompt_loras(&prompt, c.lora_dir.as_deref().map(LoraDir::new).as_ref())
+                .context("--prompt")?
+        }
+        PromptSyntaxArg::Plain => Vec::new(),
+    };
+    loras.extend(
+        tag_loras
+            .iter()
+            .map(|l| (l.file.clone(), l.te_weight, l.unet_weight)),
+    );
     if let (ModelSource::Folder(dir), false) = (&model, c.no_memory_check) {
         sd_pipeline::memory::check_load(dir, &opts)?;
     }
@@ -271,17 +306,12 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         ));
         sd.vae = std::sync::Arc::new(sd.vae.with_tiling(tiles)?);
     }
-    if !c.loras.is_empty() {
-        let loras = c
-            .loras
-            .iter()
-            .map(|spec| parse_lora(spec))
-            .collect::<Result<Vec<_>>>()?;
+    if !loras.is_empty() {
         let lora_opts = LoraOptions {
             lenient: c.lora_lenient,
         };
         sd = sd
-            .with_loras(&loras, &lora_opts)
+            .with_loras_te_unet(&loras, &lora_opts)
             .context("applying the LoRAs")?;
     }
     if !c.embeddings.is_empty() {
@@ -302,7 +332,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         }
         (None, None) => None,
     };
-    let mut req = GenerateRequest::new(c.prompt.clone());
+    let mut req = GenerateRequest::new(prompt.clone());
     req.negative_prompts = c.negative_prompt.iter().cloned().collect();
     let defaults = if is_demo {
         demo::DEFAULTS
@@ -408,7 +438,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         None => sd.scheduler_kind()?,
     };
     let mut info = Infotext::new(
-        c.prompt.clone(),
+        prompt,
         used,
         req.steps,
         req.guidance_scale,
@@ -421,6 +451,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     info.guidance_rescale = req.guidance_rescale;
     info.denoising_strength = img2img.map(|(_, strength)| strength);
     info.refiner = refiner_note;
+    info.lora_hashes = lora_hashes(&tag_loras);
     let params = info.to_string();
     for (img, path) in images.iter().zip(&outputs) {
         output::write_png(path, img, &params, c.overwrite)?;

@@ -262,7 +262,7 @@ fn a1111_prompts_samplers_and_clip_skip() {
     };
     let o = run(&[
         "--prompt",
-        "a (red:1.3) circle, [white] background <lora:detail:0.6> BREAK sharp",
+        "a (red:1.3) circle, [white] background <hypernet:detail:0.6> BREAK sharp",
         "--sampler",
         "DPM++ 2M",
         "--schedule-type",
@@ -274,7 +274,10 @@ fn a1111_prompts_samplers_and_clip_skip() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("<lora:detail:0.6> ignored"), "{err}");
+    assert!(
+        err.contains("<hypernet:detail:0.6> taken out of the prompt, not applied"),
+        "{err}"
+    );
     let (_, _, _, text) = read_png(&out);
     assert!(
         text.contains("Sampler: DPM++ 2M, Schedule type: Karras, CFG scale:")
@@ -296,14 +299,10 @@ fn a1111_prompts_samplers_and_clip_skip() {
         "{err}"
     );
 
-    // prompt editing needs per-step conditioning: refused clearly, plain syntax takes it as text
-    let o = run(&["--prompt", "a [cat:dog:1] here"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        err.contains("prompt editing") && err.contains("[cat:dog:1]"),
-        "{err}"
-    );
+    // prompt editing and alternation run (tests/prompt_schedule_parity.rs checks the maths);
+    // plain syntax takes them as text
+    let o = run(&["--prompt", "a [cat:dog:1] [here|there]"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = run(&[
         "--prompt",
         "a [cat:dog:1] AND here",
@@ -316,6 +315,240 @@ fn a1111_prompts_samplers_and_clip_skip() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("AND"));
     let o = run(&["--prompt", "x", "--clip-skip", "0"]);
     assert!(!o.status.success());
+}
+
+/// `<lora:NAME:W>` in the prompt loads NAME.safetensors from --lora-dir: the same image as
+/// `--lora FILE:W` (the tag is taken out of the text), A1111's `Lora hashes` in the PNG, the
+/// TE/UNet form applied as two strengths, clear errors for an unknown name or no folder.
+#[test]
+fn prompt_lora_tags_are_the_explicit_loras() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd1_path = sd1();
+    let loras = root().join("tests/fixtures/loras");
+    let kohya = loras.join("sd1_kohya.safetensors");
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "txt2img",
+            "--model",
+            &sd1_path,
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = sd(&args);
+        (o, out)
+    };
+    let ok = |(o, out): (std::process::Output, PathBuf)| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_png(&out)
+    };
+    let lora_dir = loras.to_str().unwrap();
+    let tag = ok(run(
+        "tag.png",
+        &[
+            "--prompt",
+            "a red fox, <lora:sd1_kohya:0.7> snow",
+            "--lora-dir",
+            lora_dir,
+        ],
+    ));
+    let flag = format!("{}:0.7", kohya.display());
+    let explicit = ok(run(
+        "flag.png",
+        &["--prompt", "a red fox,  snow", "--lora", &flag],
+    ));
+    let none = ok(run("none.png", &["--prompt", "a red fox,  snow"]));
+    let split = ok(run(
+        "split.png",
+        &[
+            "--prompt",
+            "a red fox, <lora:sd1_kohya:0.7:0.2> snow",
+            "--lora-dir",
+            lora_dir,
+        ],
+    ));
+    assert_eq!(tag.0, explicit.0, "tag and --lora give other pixels");
+    assert_ne!(tag.0, none.0, "the LoRA changes the image");
+    assert_ne!(split.0, tag.0, "the UNet weight is used");
+    // the prompt is written as given; the hash is `sha256sum`'s first 12 hex digits
+    assert!(
+        tag.3.starts_with("a red fox, <lora:sd1_kohya:0.7> snow\n")
+            && tag
+                .3
+                .ends_with(", Lora hashes: \"sd1_kohya: da06c1c9875a\""),
+        "{}",
+        tag.3
+    );
+    assert!(!explicit.3.contains("Lora hashes"), "{}", explicit.3);
+
+    let (o, _) = run(
+        "x.png",
+        &["--prompt", "<lora:missing:1> x", "--lora-dir", lora_dir],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("missing") && err.contains("sd1_kohya, sd1_peft, sdxl_kohya"),
+        "{err}"
+    );
+    let (o, _) = run("x.png", &["--prompt", "<lora:sd1_kohya:1> x"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--lora-dir"));
+    // plain syntax: the tag is text, nothing is loaded
+    let (o, _) = run(
+        "plain.png",
+        &["--prompt", "<lora:missing:1> x", "--prompt-syntax", "plain"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `sd pnginfo` prints a PNG's parameters; `--from-png` regenerates the same pixels from a PNG
+/// sd-rs wrote, flags override the PNG, and an AUTOMATIC1111-written text sets what it says.
+#[test]
+fn pnginfo_and_from_png_regenerate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd1_path = sd1();
+    let a = tmp.path().join("a.png");
+    let base = [
+        "txt2img", "--model", &sd1_path, "--width", "32", "--height", "48",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let o = sd(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&[
+        "--prompt",
+        "a (red:1.2) fox, [day:night:0.5]",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "4",
+        "--guidance",
+        "6.5",
+        "--sampler",
+        "DPM++ 2M Karras",
+        "--clip-skip",
+        "2",
+        "--seed",
+        "11",
+        "--output",
+        a.to_str().unwrap(),
+    ]);
+    let (px_a, _, _, text_a) = read_png(&a);
+    let o = sd(&["pnginfo", a.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{text_a}\n"));
+
+    // same model, no other flags: the same image and the same parameters
+    let b = tmp.path().join("b.png");
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        &sd1_path,
+        "--from-png",
+        a.to_str().unwrap(),
+        "--output",
+        b.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (px_b, w, h, text_b) = read_png(&b);
+    assert_eq!((w, h), (32, 48));
+    assert_eq!(text_b, text_a);
+    assert!(px_a == px_b, "--from-png gave other pixels");
+    // a flag overrides the PNG
+    let c = tmp.path().join("c.png");
+    run(&[
+        "--from-png",
+        a.to_str().unwrap(),
+        "--seed",
+        "12",
+        "--output",
+        c.to_str().unwrap(),
+    ]);
+    let (px_c, _, _, text_c) = read_png(&c);
+    assert!(
+        text_c.contains("Seed: 12,") && text_c.contains("Steps: 4,"),
+        "{text_c}"
+    );
+    assert!(px_c != px_a);
+
+    // a PNG with AUTOMATIC1111's parameters (hires fix, hashes, version: read and ignored)
+    let a1111 = tmp.path().join("a1111.png");
+    let text = "a red fox, <lora:sd1_kohya:0.5>\nNegative prompt: (worst quality:1.4)\n\
+                Steps: 3, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5.5, \
+                Seed: 77, Size: 48x32, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, \
+                Denoising strength: 0.45, Clip skip: 2, Hires upscale: 2, Hires steps: 15, \
+                Hires upscaler: Latent, Lora hashes: \"sd1_kohya: da06c1c9875a\", \
+                TI hashes: \"easynegative: c74b4e810b03\", Version: v1.10.1";
+    {
+        let f = std::fs::File::create(&a1111).unwrap();
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(f), 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.add_text_chunk("parameters".into(), text.into())
+            .unwrap();
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[0, 0, 0])
+            .unwrap();
+    }
+    let d = tmp.path().join("d.png");
+    let lora_dir = root().join("tests/fixtures/loras");
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        &sd1_path,
+        "--from-png",
+        a1111.to_str().unwrap(),
+        "--lora-dir",
+        lora_dir.to_str().unwrap(),
+        "--output",
+        d.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("v1-5-pruned-emaonly"), "{err}");
+    let (_, w, h, text_d) = read_png(&d);
+    assert_eq!((w, h), (48, 32));
+    assert!(
+        text_d.starts_with(
+            "a red fox, <lora:sd1_kohya:0.5>\nNegative prompt: (worst quality:1.4)\n\
+             Steps: 3, Sampler: Euler a, CFG scale: 5.5, Seed: 77, Size: 48x32, Model: "
+        ) && text_d.contains("Clip skip: 2")
+            && text_d.contains("Lora hashes: \"sd1_kohya: da06c1c9875a\""),
+        "{text_d}"
+    );
+
+    // errors: a PNG without parameters, a file that is no PNG
+    let plain = tmp.path().join("plain.png");
+    {
+        let f = std::fs::File::create(&plain).unwrap();
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(f), 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[0, 0, 0])
+            .unwrap();
+    }
+    let o = sd(&["pnginfo", plain.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no `parameters` text"));
+    let o = sd(&[
+        "pnginfo",
+        lora_dir.join("sd1_kohya.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a readable PNG"));
 }
 
 fn max_u8_diff(png: &Path, case: &str) -> f32 {

@@ -44,6 +44,9 @@ pub struct Infotext {
     pub denoising_strength: Option<f64>,
     /// The SDXL refiner and the fraction at which it takes over.
     pub refiner: Option<(String, f64)>,
+    /// A1111's `Lora hashes` value, `name: hash, ...` (see
+    /// [`crate::prompt_loras::lora_hashes`]); written quoted, as A1111 quotes values with `:`.
+    pub lora_hashes: Option<String>,
 }
 
 impl Infotext {
@@ -70,6 +73,7 @@ impl Infotext {
             guidance_rescale: 0.0,
             denoising_strength: None,
             refiner: None,
+            lora_hashes: None,
         }
     }
 }
@@ -102,6 +106,18 @@ impl fmt::Display for Infotext {
         if let Some((r, at)) = &self.refiner {
             write!(f, ", Refiner: {r}, Refiner switch at: {at}")?;
         }
+        if let Some(h) = &self.lora_hashes {
+            write!(f, ", Lora hashes: {}", quote(h))?;
+        }
         Ok(())
+    }
+}
+
+/// A1111's `quote`: a value with `,`, `:` or `"` is written as a JSON string, others as they are.
+fn quote(v: &str) -> String {
+    if v.contains([',', ':', '"']) {
+        serde_json::Value::String(v.to_owned()).to_string()
+    } else {
+        v.to_owned()
     }
 }

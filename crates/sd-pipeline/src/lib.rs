@@ -26,19 +26,22 @@ mod ensemble;
 pub mod hub;
 pub mod image;
 mod infotext;
+mod infotext_parse;
 mod lora;
 pub mod memory;
 pub mod model_index;
 mod pipeline;
+pub mod prompt_loras;
 pub mod request;
 mod single_file;
 pub mod watermark;
 
 pub use ensemble::Ensemble;
 pub use infotext::Infotext;
+pub use infotext_parse::parse_infotext;
 pub use lora::LoraOptions;
 pub use model_index::{ModelFamily, ModelIndex};
-pub use pipeline::{text_encoder_2, Conditioning, Output, StableDiffusion};
+pub use pipeline::{text_encoder_2, Conditioning, Output, ScheduledConditioning, StableDiffusion};
 pub use request::{
     Flow, GenerateRequest, Init, MicroConditioning, OutputType, PromptEmbeds, PromptSyntax,
     SchedulerKind, StepInfo, MAX_BATCH,

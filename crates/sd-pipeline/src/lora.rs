@@ -45,11 +45,23 @@ impl StableDiffusion {
         loras: &[(Arc<LoraFile>, f64)],
         opts: &LoraOptions,
     ) -> Result<StableDiffusion> {
+        let split: Vec<_> = loras.iter().map(|(l, w)| (l.clone(), *w, *w)).collect();
+        self.with_loras_te_unet(&split, opts)
+    }
+
+    /// [`StableDiffusion::with_loras`] with separate strengths (file, text encoders, UNet), as
+    /// AUTOMATIC1111's `<lora:NAME:TE_WEIGHT:UNET_WEIGHT>`. [`StableDiffusion::loras`] then
+    /// reports the UNet strengths.
+    pub fn with_loras_te_unet(
+        &self,
+        loras: &[(Arc<LoraFile>, f64, f64)],
+        opts: &LoraOptions,
+    ) -> Result<StableDiffusion> {
         let unet_cfg = self.unet.config();
         let lpb = layers_per_block(unet_cfg);
         let mut deltas: BTreeMap<LoraTarget, WeightMap> = BTreeMap::new();
         let mut unmatched: Vec<String> = Vec::new();
-        for (lora, strength) in loras {
+        for (lora, te_strength, unet_strength) in loras {
             self.check_family(lora)?;
             unmatched.extend(
                 lora.unknown_keys()
@@ -71,7 +83,11 @@ impl StableDiffusion {
                     ));
                     continue;
                 };
-                let (d, missing) = lora.deltas(target, &source.map, lpb, *strength)?;
+                let strength = match target {
+                    LoraTarget::Unet => *unet_strength,
+                    _ => *te_strength,
+                };
+                let (d, missing) = lora.deltas(target, &source.map, lpb, strength)?;
                 unmatched.extend(
                     missing
                         .into_iter()
@@ -136,11 +152,11 @@ impl StableDiffusion {
             crate::embedding::apply(&mut text, e)?;
         }
         out.text = Arc::new(text);
-        out.loras = loras.to_vec();
+        out.loras = loras.iter().map(|(l, _, u)| (l.clone(), *u)).collect();
         Ok(out)
     }
 
-    /// The LoRAs applied, with their strengths.
+    /// The LoRAs applied, with their (UNet) strengths.
     pub fn loras(&self) -> &[(Arc<LoraFile>, f64)] {
         &self.loras
     }

@@ -87,6 +87,40 @@ pub struct Conditioning {
     pub pooled: Option<Tensor>,
     /// Tokens dropped by truncation, per prompt (the pipeline logs a warning).
     pub dropped_tokens: Vec<usize>,
+    /// AUTOMATIC1111 prompt editing and alternation: the conditioning per range of steps (empty
+    /// when it never changes; then `hidden` and `pooled` apply to every step, otherwise they
+    /// are the first entry's). See [`Conditioning::at_step`].
+    pub schedule: Vec<ScheduledConditioning>,
+}
+
+/// The conditioning used up to and including step `end_at_step` (0-based model evaluations of
+/// a run, as A1111's `reconstruct_cond_batch` compares its step counter with a schedule's
+/// `end_at_step`), with the same batch layout as [`Conditioning::hidden`].
+#[derive(Debug, Clone)]
+pub struct ScheduledConditioning {
+    /// The last step this entry applies to.
+    pub end_at_step: usize,
+    /// `[N or 2N, 77 * chunks, D]`.
+    pub hidden: Tensor,
+    /// SDXL: `[N or 2N, P]`.
+    pub pooled: Option<Tensor>,
+}
+
+impl Conditioning {
+    /// The hidden states and pooled embeddings for the model evaluation `step` (0-based): the
+    /// first schedule entry with `end_at_step >= step`, as A1111 picks it; past the last entry
+    /// (second-order schedulers evaluate the model more often than `steps`) the last one.
+    pub fn at_step(&self, step: usize) -> (&Tensor, Option<&Tensor>) {
+        match self
+            .schedule
+            .iter()
+            .find(|e| step <= e.end_at_step)
+            .or(self.schedule.last())
+        {
+            Some(e) => (&e.hidden, e.pooled.as_ref()),
+            None => (&self.hidden, self.pooled.as_ref()),
+        }
+    }
 }
 
 fn component(dir: &Path, name: &str) -> Result<PathBuf> {
@@ -308,7 +342,20 @@ impl StableDiffusion {
 
     /// Step 1: prompts to conditioning, as diffusers' `encode_prompt` (negative prompts, the
     /// SDXL zero negatives, classifier-free-guidance batch, `num_images_per_prompt`).
+    /// A1111 prompt editing and alternation are scheduled over `req.steps` model evaluations;
+    /// see [`StableDiffusion::encode_prompt_scheduled`] for second-order schedulers.
     pub fn encode_prompt(&self, req: &GenerateRequest) -> Result<Conditioning> {
+        self.encode_prompt_scheduled(req, req.steps)
+    }
+
+    /// [`StableDiffusion::encode_prompt`] with A1111 prompt editing and alternation scheduled
+    /// over `evaluations` model evaluations: A1111 counts `2 * steps - 1` for its second-order
+    /// samplers (Heun), the length of diffusers' Heun timesteps; `generate` passes that.
+    pub fn encode_prompt_scheduled(
+        &self,
+        req: &GenerateRequest,
+        evaluations: usize,
+    ) -> Result<Conditioning> {
         let cfg = req.guidance_scale > 1.0;
         let sdxl = self.family != ModelFamily::Sd;
         let n = req.num_images_per_prompt;
@@ -331,7 +378,7 @@ impl StableDiffusion {
                 format!("at most {layers}, the text encoder's number of layers"),
             ));
         }
-        let (pos, pos_pooled, neg, neg_pooled, dropped) = match &req.prompt_embeds {
+        let (parts, dropped) = match &req.prompt_embeds {
             Some(e) => {
                 let b = e.prompt_embeds.dim(0)?;
                 let (mut neg, mut neg_pooled) = (
@@ -345,13 +392,13 @@ impl StableDiffusion {
                     neg = neg.or(Some(n));
                     neg_pooled = neg_pooled.or(np);
                 }
-                (
+                let part = (
                     e.prompt_embeds.clone(),
                     e.pooled_prompt_embeds.clone(),
                     neg,
                     neg_pooled,
-                    vec![0; b],
-                )
+                );
+                (vec![(req.steps, part)], vec![0; b])
             }
             None => {
                 if req.prompts.is_empty() {
@@ -362,7 +409,8 @@ impl StableDiffusion {
                     ));
                 }
                 if req.prompt_syntax == PromptSyntax::A1111 {
-                    self.encode_a1111(req, cfg)?
+                    let parts = self.encode_a1111(req, cfg, evaluations)?;
+                    (parts, vec![0; req.prompts.len()])
                 } else {
                     let p = self.text.encode(&req.prompts, req.clip_skip)?;
                     let (neg, neg_pooled) = if cfg {
@@ -372,7 +420,8 @@ impl StableDiffusion {
                     } else {
                         (None, None)
                     };
-                    (p.hidden, p.pooled, neg, neg_pooled, p.dropped_tokens)
+                    let part = (p.hidden, p.pooled, neg, neg_pooled);
+                    (vec![(req.steps, part)], p.dropped_tokens)
                 }
             }
         };
@@ -383,6 +432,39 @@ impl StableDiffusion {
                 );
             }
         }
+        let mut schedule = Vec::with_capacity(parts.len());
+        for (end_at_step, part) in parts {
+            let (hidden, pooled) = self.guidance_batch(part, cfg, n)?;
+            schedule.push(ScheduledConditioning {
+                end_at_step,
+                hidden,
+                pooled,
+            });
+        }
+        let first = schedule
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::invalid_argument("prompts", "none", "at least one prompt"))?;
+        if schedule.len() == 1 {
+            schedule.clear();
+        }
+        Ok(Conditioning {
+            hidden: first.hidden,
+            pooled: first.pooled,
+            dropped_tokens: dropped,
+            schedule,
+        })
+    }
+
+    /// The classifier-free-guidance batch `[negative; positive]` of one encoding, each prompt
+    /// repeated `n` times, in the model's dtype.
+    fn guidance_batch(
+        &self,
+        (pos, pos_pooled, neg, neg_pooled): Encoded,
+        cfg: bool,
+        n: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let sdxl = self.family != ModelFamily::Sd;
         let rep3 = |t: Tensor| -> Result<Tensor> { Ok(t.repeat_interleave_batch(n)?) };
         let pos = rep3(pos)?;
         let pos_pooled = pos_pooled.map(rep3).transpose()?;
@@ -417,11 +499,7 @@ impl StableDiffusion {
                 "pooled embeddings for SDXL",
             ));
         }
-        Ok(Conditioning {
-            hidden: hidden.to_dtype(self.dtype())?,
-            pooled,
-            dropped_tokens: dropped,
-        })
+        Ok((hidden.to_dtype(self.dtype())?, pooled))
     }
 
     /// Negative conditioning for `b` prompts, as diffusers' `encode_prompt`: zeros for SDXL
@@ -447,34 +525,39 @@ impl StableDiffusion {
     }
 
     /// Step 1 with [`PromptSyntax::A1111`], as AUTOMATIC1111 conditions: `<lora:...>` tags taken
-    /// out of the prompts (logged: not applied yet), `AND` refused; prompts and negative prompts
-    /// encoded in one batch so that they get the same number of 77-token chunks; `clip_skip`
-    /// applies to both; SDXL without a negative prompt still gets zeros when the model asks for
-    /// them (A1111 does the same).
-    #[allow(clippy::type_complexity)]
+    /// out of the prompts (logged unless a LoRA of that name is applied, see
+    /// [`crate::prompt_loras`]), `AND` refused; prompt editing and
+    /// alternation resolved into one schedule per prompt and negative prompt
+    /// (`get_learned_conditioning`); every distinct text of all schedules encoded once, in one
+    /// batch so that all get the same number of 77-token chunks; `clip_skip` applies to all;
+    /// SDXL without a negative prompt still gets zeros when the model asks for them (A1111 does
+    /// the same). Returns one encoding per step at which any schedule changes, as
+    /// `reconstruct_cond_batch` would assemble the batch for the steps up to it.
     fn encode_a1111(
         &self,
         req: &GenerateRequest,
         cfg: bool,
-    ) -> Result<(
-        Tensor,
-        Option<Tensor>,
-        Option<Tensor>,
-        Option<Tensor>,
-        Vec<usize>,
-    )> {
+        steps: usize,
+    ) -> Result<Vec<(usize, Encoded)>> {
         let b = req.prompts.len();
-        let mut texts = Vec::with_capacity(2 * b);
+        let mut rows: Vec<Vec<ScheduledPrompt>> = Vec::with_capacity(2 * b);
         for p in &req.prompts {
-            let parsed = A1111Prompt::parse(p, req.steps)?;
+            let parsed = A1111Prompt::parse(p, steps)?;
             for t in &parsed.extra_networks {
-                log::warn!(
-                    "<{}:{}> ignored: sd-rs does not load LoRAs or other extra networks yet",
-                    t.kind,
-                    t.args.join(":")
-                );
+                let applied = matches!(t.lora(), Some(Ok(l)) if self.loras.iter().any(|(f, _)| {
+                    f.path().file_stem().is_some_and(|s| s.to_string_lossy() == l.name)
+                }));
+                if !applied {
+                    log::warn!(
+                        "<{}:{}> taken out of the prompt, not applied: LoRA tags are loaded by \
+                         sd_pipeline::prompt_loras (--lora-dir); other extra networks are not \
+                         supported",
+                        t.kind,
+                        t.args.join(":")
+                    );
+                }
             }
-            texts.push(fixed_prompt(&parsed.schedule, p)?);
+            rows.push(parsed.schedule);
         }
         let zero_negatives = self.family != ModelFamily::Sd
             && req.negative_prompts.is_empty()
@@ -482,25 +565,67 @@ impl StableDiffusion {
         if cfg && !zero_negatives {
             // A1111 reads negative prompts with editing but neither AND nor extra networks
             for n in negative_texts(req, b)? {
-                texts.push(fixed_prompt(&prompt_schedule(&n, req.steps)?, &n)?);
+                rows.push(prompt_schedule(&n, steps)?);
             }
         }
+        let mut texts: Vec<String> = Vec::new();
+        let rows: Vec<Vec<(usize, u32)>> = rows
+            .into_iter()
+            .map(|schedule| {
+                schedule
+                    .into_iter()
+                    .map(|e| {
+                        let i = match texts.iter().position(|t| *t == e.prompt) {
+                            Some(i) => i,
+                            None => {
+                                texts.push(e.prompt);
+                                texts.len() - 1
+                            }
+                        };
+                        (e.end_at_step, i as u32)
+                    })
+                    .collect()
+            })
+            .collect();
         let c = self.text.encode_a1111(&texts, req.clip_skip)?;
-        let rows = |t: &Tensor, from: usize| t.narrow(0, from, b);
-        let pos = rows(&c.hidden, 0)?;
-        let pos_pooled = c.pooled.as_ref().map(|p| rows(p, 0)).transpose()?;
-        let (neg, neg_pooled) = match (cfg, zero_negatives) {
-            (false, _) => (None, None),
-            (true, true) => (
-                Some(pos.zeros_like()?),
-                pos_pooled.as_ref().map(Tensor::zeros_like).transpose()?,
-            ),
-            (true, false) => (
-                Some(rows(&c.hidden, b)?),
-                c.pooled.as_ref().map(|p| rows(p, b)).transpose()?,
-            ),
-        };
-        Ok((pos, pos_pooled, neg, neg_pooled, vec![0; b]))
+        let ends: std::collections::BTreeSet<usize> =
+            rows.iter().flatten().map(|(end, _)| *end).collect();
+        let mut parts = Vec::with_capacity(ends.len());
+        for end in ends {
+            // each row's entry for the steps up to `end`: its first one ending at or after it
+            let pick = |range: std::ops::Range<usize>| -> Result<Option<(Tensor, Option<Tensor>)>> {
+                let Some(rows) = rows.get(range) else {
+                    return Ok(None);
+                };
+                let ids: Vec<u32> = rows
+                    .iter()
+                    .filter_map(|r| r.iter().find(|(e, _)| *e >= end).or(r.last()))
+                    .map(|(_, i)| *i)
+                    .collect();
+                let ids = Tensor::new(ids, c.hidden.device())?;
+                let pooled = c
+                    .pooled
+                    .as_ref()
+                    .map(|p| p.index_select(&ids, 0))
+                    .transpose()?;
+                Ok(Some((c.hidden.index_select(&ids, 0)?, pooled)))
+            };
+            let (pos, pos_pooled) = pick(0..b)?
+                .ok_or_else(|| Error::invalid_argument("prompts", "none", "at least one prompt"))?;
+            let (neg, neg_pooled) = match (cfg, zero_negatives) {
+                (false, _) => (None, None),
+                (true, true) => (
+                    Some(pos.zeros_like()?),
+                    pos_pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+                ),
+                (true, false) => match pick(b..2 * b)? {
+                    Some((n, np)) => (Some(n), np),
+                    None => (None, None),
+                },
+            };
+            parts.push((end, (pos, pos_pooled, neg, neg_pooled)));
+        }
+        Ok(parts)
     }
 
     /// The image size of a request, validated (multiples of the VAE factor) with UNet defaults.
@@ -569,8 +694,12 @@ impl StableDiffusion {
         if req.memory_check {
             crate::memory::check_generate(self, req, (height, width))?;
         }
-        let cond = self.encode_prompt(req)?;
         scheduler.set_timesteps(req.steps)?;
+        let evaluations = match scheduler.order() {
+            1 => req.steps,
+            _ => scheduler.timesteps().len(),
+        };
+        let cond = self.encode_prompt_scheduled(req, evaluations)?;
         let (start, end) = self.step_range(scheduler, req)?;
         let latents = self.prepare_latents(req, scheduler, start, (height, width), &cond, noise)?;
         let added = self.added_conditioning(req, (height, width), &cond)?;
@@ -769,6 +898,12 @@ impl StableDiffusion {
 
     /// Step 3: the denoising loop over step indices `steps`, with classifier-free guidance and
     /// `guidance_rescale`; `on_step` sees the latents after every step and may stop the run.
+    ///
+    /// A scheduled `cond` (prompt editing, alternation) is looked up per model evaluation, as
+    /// A1111's step counter counts: from 0 at the first step of an image-to-image run (A1111's
+    /// img2img starts its counter where it starts sampling), at the step index otherwise (so the
+    /// refiner of the ensemble continues the base's count). For SDXL the pooled embedding in
+    /// `added` switches with the hidden states.
     #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
@@ -783,6 +918,7 @@ impl StableDiffusion {
     ) -> Result<(Tensor, bool)> {
         let cfg = req.guidance_scale > 1.0;
         let total = steps.len();
+        let first = steps.start;
         for (k, i) in steps.enumerate() {
             let t = *scheduler.timesteps().get(i).ok_or_else(|| {
                 Error::invalid_argument(
@@ -797,7 +933,23 @@ impl StableDiffusion {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let pred = self.unet.forward(&input, t, &cond.hidden, added)?;
+            let position = match req.init {
+                Init::Image { .. } => i - first,
+                _ => i,
+            };
+            let (hidden, pooled) = cond.at_step(position);
+            let switched;
+            let added = match (added, pooled) {
+                (Some(a), Some(p)) if !cond.schedule.is_empty() => {
+                    switched = AddedCond {
+                        text_embeds: p.to_dtype(a.text_embeds.dtype())?,
+                        time_ids: a.time_ids.clone(),
+                    };
+                    Some(&switched)
+                }
+                _ => added,
+            };
+            let pred = self.unet.forward(&input, t, hidden, added)?;
             let pred = if cfg {
                 let n = latents.dim(0)?;
                 let uncond = pred.narrow(0, 0, n)?;
@@ -854,6 +1006,10 @@ impl StableDiffusion {
     }
 }
 
+/// One prompt encoding: positive hidden states and pooled embeddings, and the negatives when
+/// guidance is on, before the CFG batch is built.
+type Encoded = (Tensor, Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
 /// The negative prompts for `b` prompts: none gives `""`, one is used for every prompt.
 fn negative_texts(req: &GenerateRequest, b: usize) -> Result<Vec<String>> {
     Ok(match req.negative_prompts.len() {
@@ -868,19 +1024,6 @@ fn negative_texts(req: &GenerateRequest, b: usize) -> Result<Vec<String>> {
             ))
         }
     })
-}
-
-/// The one prompt of a schedule; prompt editing and alternation need conditioning that changes
-/// during sampling, which the pipeline does not do yet.
-fn fixed_prompt(schedule: &[ScheduledPrompt], prompt: &str) -> Result<String> {
-    match schedule {
-        [one] => Ok(one.prompt.clone()),
-        _ => Err(Error::unsupported(format!(
-            "prompt editing or alternation ([from:to:when], [a|b]) in {prompt:?}: the pipeline \
-             cannot change the conditioning during sampling yet; escape the brackets (\\[ \\]) \
-             or use --prompt-syntax plain"
-        ))),
-    }
 }
 
 /// The shared `text_encoder_2` of an SDXL base or refiner.

@@ -106,8 +106,9 @@ pub struct GenerateRequest {
     /// Precomputed embeddings instead of prompts.
     pub prompt_embeds: Option<PromptEmbeds>,
     /// How the prompts are read: diffusers' plain text (the default) or AUTOMATIC1111's syntax
-    /// (weights, `BREAK`, long prompts in 75-token chunks; `<lora:...>` tags are taken out and
-    /// logged as not applied; prompt editing, alternation and `AND` are refused).
+    /// (weights, `BREAK`, long prompts in 75-token chunks; `<lora:...>` tags are taken out of the
+    /// text, the LoRAs are applied to the model with [`crate::prompt_loras`]; prompt editing
+    /// and alternation change the conditioning during sampling; `AND` is refused).
     pub prompt_syntax: PromptSyntax,
     /// Number of denoising steps of the full schedule.
     pub steps: usize,

@@ -22,7 +22,6 @@
 
 pub mod api;
 mod error;
-mod infotext_parse;
 mod models;
 pub mod plan;
 pub mod queue;
@@ -37,8 +36,8 @@ use sd_pipeline::core::{Error, LoadOptions, Result};
 use sd_pipeline::{SchedulerKind, StableDiffusion};
 
 pub use error::ApiError;
-pub use infotext_parse::parse_infotext;
 pub use models::Models;
+pub use sd_pipeline::parse_infotext;
 
 /// A loaded model and its generation defaults.
 #[derive(Debug)]
@@ -160,7 +159,7 @@ pub struct ServerConfig {
     pub models_dir: Option<PathBuf>,
     /// How `--models-dir` models are loaded (dtype, device, variant).
     pub load_options: LoadOptions,
-    /// Folder of LoRA files, listed by `/loras`.
+    /// Folder of LoRA files, listed by `/loras` and loaded by the prompts' `<lora:NAME:W>` tags.
     pub lora_dir: Option<PathBuf>,
     /// Folder of textual-inversion embeddings, listed by `/embeddings`.
     pub embeddings_dir: Option<PathBuf>,

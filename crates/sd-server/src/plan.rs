@@ -55,6 +55,8 @@ pub struct Plan {
     pub batch_size: usize,
     /// The SDXL ensemble: the fraction of the steps the base runs before the refiner.
     pub refiner_switch_at: Option<f64>,
+    /// The prompt's `<lora:...>` tags, resolved in `--lora-dir` (applied by the worker).
+    pub loras: Vec<sd_pipeline::prompt_loras::PromptLora>,
 }
 
 /// Server-wide settings a request may override (`/sdapi/v1/options`).
@@ -145,6 +147,7 @@ pub fn plan(
     options: &Options,
     mut req: GenerationRequest,
     mode: Mode,
+    lora_dir: Option<&sd_pipeline::prompt_loras::LoraDir>,
 ) -> Result<Plan, ApiError> {
     // The model first: the defaults below are its own.
     let model = match req.override_settings.get("sd_model_checkpoint") {
@@ -251,17 +254,10 @@ pub fn plan(
         }
     };
     // Prompt syntax errors are the request's: catch them before queueing.
-    let parsed = sd_pipeline::clip::prompt_syntax::A1111Prompt::parse(&req.prompt, steps)
+    sd_pipeline::clip::prompt_syntax::A1111Prompt::parse(&req.prompt, steps)
         .map_err(|e| ApiError::from(e).with_field("prompt"))?;
-    if parsed.fixed().is_none() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "NotImplementedError",
-            "prompt editing and alternation ([from:to:when], [a|b]) are not supported yet; \
-             escape the brackets (\\[ \\])",
-        )
-        .with_field("prompt"));
-    }
+    let loras = sd_pipeline::prompt_loras::prompt_loras(&req.prompt, lora_dir)
+        .map_err(|e| ApiError::from(e).with_field("prompt"))?;
 
     let seed = match req.seed {
         -1 => random_seed(),
@@ -367,6 +363,7 @@ pub fn plan(
     if let (Some(f), Some((_, name))) = (refiner_switch_at, &model.refiner) {
         info.refiner = Some((name.clone(), f));
     }
+    info.lora_hashes = sd_pipeline::prompt_loras::lora_hashes(&loras);
 
     let include_init = if mode == Mode::Img2Img && req.include_init_images {
         req.init_images.clone()
@@ -411,5 +408,6 @@ pub fn plan(
         sampler_name,
         batch_size,
         refiner_switch_at,
+        loras,
     })
 }

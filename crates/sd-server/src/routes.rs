@@ -173,7 +173,18 @@ async fn generate(
     // Validation decodes init images: off the async threads.
     let st = s.clone();
     let plan = tokio::task::spawn_blocking(move || {
-        let mut plan = plan::plan(&st.models, &st.config.limits, &st.options(), req, mode)?;
+        let mut plan = plan::plan(
+            &st.models,
+            &st.config.limits,
+            &st.options(),
+            req,
+            mode,
+            st.config
+                .lora_dir
+                .as_deref()
+                .map(sd_pipeline::prompt_loras::LoraDir::new)
+                .as_ref(),
+        )?;
         plan.request.watermark = st.config.watermark;
         Ok::<_, ApiError>(plan)
     })
@@ -332,9 +343,12 @@ async fn sd_models(State(s): Shared) -> Json<Value> {
 }
 
 async fn loras(State(s): Shared) -> Json<Value> {
-    let files = list_dir(s.config.lora_dir.as_deref(), |p| {
-        has_ext(p, &["safetensors"])
-    });
+    let files = s
+        .config
+        .lora_dir
+        .as_deref()
+        .and_then(|d| sd_pipeline::prompt_loras::LoraDir::new(d).list().ok())
+        .unwrap_or_default();
     Json(Value::Array(
         files
             .iter()

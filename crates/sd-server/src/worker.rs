@@ -47,6 +47,22 @@ pub fn run(queue: Arc<Queue>) {
 /// One job: its images one after another, then the A1111 response.
 fn generate(model: &Model, job: &Job, queue: &Queue) -> Result<Value, ApiError> {
     let plan = &job.plan;
+    // The prompt's <lora:...> tags: the model with them, for this job only.
+    let with_loras;
+    let sd = if plan.loras.is_empty() {
+        &model.sd
+    } else {
+        let loras: Vec<_> = plan
+            .loras
+            .iter()
+            .map(|l| (l.file.clone(), l.te_weight, l.unet_weight))
+            .collect();
+        with_loras = model
+            .sd
+            .with_loras_te_unet(&loras, &sd_pipeline::LoraOptions::default())
+            .map_err(|e| ApiError::from(e).with_field("prompt"))?;
+        &with_loras
+    };
     let mut images = Vec::new();
     let mut infotexts = Vec::new();
     let mut seeds_done = Vec::new();
@@ -80,11 +96,12 @@ fn generate(model: &Model, job: &Job, queue: &Queue) -> Result<Value, ApiError> 
                 Flow::Continue
             }
         };
-        let out = match (plan.refiner_switch_at, &model.refiner) {
-            (Some(f), Some((refiner, _))) => sd_pipeline::Ensemble::new(&model.sd, refiner, f)?
-                .generate(&req, &mut noise, &mut on_step)?,
-            _ => model.sd.generate(&req, &mut noise, &mut on_step)?,
-        };
+        let out =
+            match (plan.refiner_switch_at, &model.refiner) {
+                (Some(f), Some((refiner, _))) => sd_pipeline::Ensemble::new(sd, refiner, f)?
+                    .generate(&req, &mut noise, &mut on_step)?,
+                _ => sd.generate(&req, &mut noise, &mut on_step)?,
+            };
         if job.stopping() {
             break;
         }

@@ -570,3 +570,72 @@ fn models_dir_models_load_on_demand_and_stay_loaded() {
     );
     server.shutdown();
 }
+
+/// A prompt's `<lora:NAME:W>` loads NAME.safetensors from `--lora-dir` for that request: the
+/// image equals the library's with that LoRA applied, the infotext has A1111's `Lora hashes`,
+/// the server's model is left without it, and an unknown name is a 422 naming `prompt`.
+#[test]
+fn prompt_lora_tags_load_from_the_lora_dir() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let server = start(ServerConfig {
+        models_dir: Some(fixtures.join("models")),
+        lora_dir: Some(fixtures.join("loras")),
+        ..ServerConfig::default()
+    });
+    let url = server.url();
+    let (_, list) = get(&format!("{url}/sdapi/v1/loras"));
+    assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
+    let body = |prompt: &str| {
+        json!({"prompt": prompt, "steps": 3, "seed": 7, "cfg_scale": 7, "width": 32,
+            "height": 32, "override_settings": {"sd_model_checkpoint": "sd1"}})
+        .to_string()
+    };
+    let (s, v, _) = post(
+        &format!("{url}/sdapi/v1/txt2img"),
+        &body("a red fox <lora:sd1_kohya:0.7:0.4>"),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (px, _, _, text) = decode_png(v["images"][0].as_str().unwrap());
+    assert!(
+        text.ends_with("Lora hashes: \"sd1_kohya: da06c1c9875a\""),
+        "{text}"
+    );
+    let sd1 = StableDiffusion::load(&fixtures.join("models/sd1"), &LoadOptions::default()).unwrap();
+    let file = Arc::new(
+        sd_pipeline::formats::LoraFile::open(&fixtures.join("loras/sd1_kohya.safetensors"))
+            .unwrap(),
+    );
+    let with = sd1
+        .with_loras_te_unet(&[(file, 0.7, 0.4)], &sd_pipeline::LoraOptions::default())
+        .unwrap();
+    let mut req = GenerateRequest::new("a red fox ");
+    req.prompt_syntax = PromptSyntax::A1111;
+    req.steps = 3;
+    req.guidance_scale = 7.0;
+    req.width = Some(32);
+    req.height = Some(32);
+    let lib = |sd: &StableDiffusion| {
+        let out = sd
+            .generate(&req, &mut TorchGenerator::new(7), &mut |_| Flow::Continue)
+            .unwrap();
+        sd_pipeline::image::to_rgb8(&out.images.unwrap()).unwrap()[0]
+            .clone()
+            .into_raw()
+    };
+    assert_eq!(px, lib(&with));
+    // the next request without a tag runs the model without the LoRA
+    let (s, v, _) = post(&format!("{url}/sdapi/v1/txt2img"), &body("a red fox "));
+    assert_eq!(s, 200, "{v}");
+    let (px0, _, _, text0) = decode_png(v["images"][0].as_str().unwrap());
+    assert_eq!(px0, lib(&sd1));
+    assert_ne!(px0, px);
+    assert!(!text0.contains("Lora hashes"), "{text0}");
+
+    let (s, v, _) = post(
+        &format!("{url}/sdapi/v1/txt2img"),
+        &body("a fox <lora:nope:1>"),
+    );
+    assert_eq!(s, 422, "{v}");
+    let msg = v.to_string();
+    assert!(msg.contains("prompt") && msg.contains("sd1_kohya"), "{msg}");
+}

@@ -1,4 +1,4 @@
-//! Reading an infotext back (`/sdapi/v1/png-info`), as AUTOMATIC1111's
+//! Reading an infotext back (`sd pnginfo`, `--from-png`, `/sdapi/v1/png-info`), as AUTOMATIC1111's
 //! `parse_generation_parameters`: the prompt lines, `Negative prompt:` lines, then the last line
 //! of `Key: value` pairs (values may be quoted); `Size: WxH` also gives `Size-1` and `Size-2`.
 
@@ -67,7 +67,12 @@ fn pairs(line: &str) -> Vec<(String, String)> {
                 }
             }
             match end {
-                Some(e) => (q[..e].replace("\\\"", "\""), &q[e + 1..]),
+                // A1111 writes quoted values with json.dumps and reads them with json.loads
+                Some(e) => (
+                    serde_json::from_str::<String>(&format!("\"{}\"", &q[..e]))
+                        .unwrap_or_else(|_| q[..e].replace("\\\"", "\"")),
+                    &q[e + 1..],
+                ),
                 None => (q.to_owned(), ""),
             }
         } else {
@@ -99,5 +104,80 @@ mod tests {
         assert_eq!(m["Size-2"], 32);
         assert_eq!(m["Lora hashes"], "a: 1, b: 2");
         assert_eq!(m["Model"], "demo");
+    }
+
+    /// What AUTOMATIC1111 v1.10 writes for a hires-fix run with a LoRA and an embedding (written
+    /// by hand after its `create_infotext`): fields sd-rs does not use are read all the same.
+    #[test]
+    fn reads_an_a1111_infotext() {
+        let t =
+            "masterpiece, best quality, (1girl:1.2), <lora:add_detail:0.6>, looking at viewer\n\
+                 BREAK city background, [day:night:0.5]\n\
+                 Negative prompt: (worst quality, low quality:1.4), easynegative\n\
+                 Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, \
+                 Seed: 1234567890, Size: 512x768, Model hash: 6ce0161689, \
+                 Model: v1-5-pruned-emaonly, VAE hash: 735e4c3a44, \
+                 VAE: vae-ft-mse-840000-ema-pruned.safetensors, Denoising strength: 0.45, \
+                 Clip skip: 2, Hires upscale: 2, Hires steps: 15, \
+                 Hires upscaler: R-ESRGAN 4x+ Anime6B, \
+                 Lora hashes: \"add_detail: 7c6bad76eb54\", \
+                 TI hashes: \"easynegative: c74b4e810b03\", Emphasis: Original, \
+                 Hires prompt: \"a \\\"quoted\\\" word,\\nnew line\", Version: v1.10.1";
+        let m = parse_infotext(t);
+        assert_eq!(
+            m["Prompt"],
+            "masterpiece, best quality, (1girl:1.2), <lora:add_detail:0.6>, looking at viewer\n\
+             BREAK city background, [day:night:0.5]"
+        );
+        assert_eq!(
+            m["Negative prompt"],
+            "(worst quality, low quality:1.4), easynegative"
+        );
+        for (k, v) in [
+            ("Steps", "28"),
+            ("Sampler", "DPM++ 2M"),
+            ("Schedule type", "Karras"),
+            ("CFG scale", "6.5"),
+            ("Seed", "1234567890"),
+            ("Size", "512x768"),
+            ("Model hash", "6ce0161689"),
+            ("Model", "v1-5-pruned-emaonly"),
+            ("Denoising strength", "0.45"),
+            ("Clip skip", "2"),
+            ("Hires upscaler", "R-ESRGAN 4x+ Anime6B"),
+            ("Lora hashes", "add_detail: 7c6bad76eb54"),
+            ("TI hashes", "easynegative: c74b4e810b03"),
+            ("Hires prompt", "a \"quoted\" word,\nnew line"),
+            ("Version", "v1.10.1"),
+        ] {
+            assert_eq!(m[k], v, "{k}");
+        }
+        assert_eq!(m["Size-1"], 512);
+        assert_eq!(m["Size-2"], 768);
+    }
+
+    #[test]
+    fn reads_back_what_infotext_writes() {
+        use crate::{Infotext, SchedulerKind};
+        let mut i = Infotext::new(
+            "a, b: c",
+            SchedulerKind::DpmSolverMultistep { karras: true },
+            20,
+            7.5,
+            42,
+            (64, 32),
+            "m",
+        );
+        i.negative_prompt = "blurry".into();
+        i.clip_skip = Some(2);
+        i.lora_hashes = Some("x: 0123456789ab, y: ba9876543210".into());
+        let m = parse_infotext(&i.to_string());
+        assert_eq!(m["Prompt"], "a, b: c");
+        assert_eq!(m["Negative prompt"], "blurry");
+        assert_eq!(m["Sampler"], "DPM++ 2M");
+        assert_eq!(m["Schedule type"], "Karras");
+        assert_eq!(m["CFG scale"], "7.5");
+        assert_eq!(m["Clip skip"], "2");
+        assert_eq!(m["Lora hashes"], "x: 0123456789ab, y: ba9876543210");
     }
 }
