@@ -250,6 +250,10 @@ pub struct Common {
     /// Images to generate.
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
+    /// Write only this image of the `num_images` (set by `--from-png` from a PNG's
+    /// `Batch size` / `Batch pos`, to regenerate one image of a batch).
+    #[arg(skip)]
+    pub batch_pos: Option<usize>,
     /// Start from these latents: a safetensors file with a tensor `latents` [N, C, H/8, W/8]
     /// (unscaled, as diffusers' `latents=`).
     #[arg(long)]

@@ -69,6 +69,19 @@ pub fn apply(path: &Path, c: &mut Common, strength: Option<&mut Option<f64>>) ->
             c.height = Some(h);
         }
     }
+    // One image of a --num-images run: the same run again, keeping that image.
+    if let (Some(size), Some(pos)) = (
+        number::<usize>(&m, "Batch size", &file)?,
+        number::<usize>(&m, "Batch pos", &file)?,
+    ) {
+        if size > 1 && c.num_images == 1 {
+            if pos >= size {
+                bail!("{file}: `Batch pos: {pos}` is not below `Batch size: {size}`");
+            }
+            c.num_images = size;
+            c.batch_pos = Some(pos);
+        }
+    }
     c.clip_skip = c.clip_skip.or(number(&m, "Clip skip", &file)?);
     c.guidance_rescale = c
         .guidance_rescale

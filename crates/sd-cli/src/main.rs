@@ -271,7 +271,14 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         );
     }
     // Refuse to overwrite before spending minutes on generation.
-    let outputs = output::paths(&c.output, c.num_images);
+    let outputs = output::paths(
+        &c.output,
+        if c.batch_pos.is_some() {
+            1
+        } else {
+            c.num_images
+        },
+    );
     output::check_writable(&outputs, c.overwrite)?;
     if let Some(p) = &c.save_latents {
         output::check_writable(std::slice::from_ref(p), c.overwrite)?;
@@ -452,12 +459,36 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     info.denoising_strength = img2img.map(|(_, strength)| strength);
     info.refiner = refiner_note;
     info.lora_hashes = lora_hashes(&tag_loras);
-    let params = info.to_string();
-    for (img, path) in images.iter().zip(&outputs) {
-        output::write_png(path, img, &params, c.overwrite)?;
+    info.ti_hashes = ti_hashes(&c.embeddings)?;
+    if let ModelSource::File(p) = &model {
+        info.model_hash = Some(sd_pipeline::prompt_loras::sha256_hex(p)?[..10].to_owned());
+    }
+    let n = images.len();
+    let keep: Vec<usize> = match c.batch_pos {
+        Some(p) => vec![p.min(n.saturating_sub(1))],
+        None => (0..n).collect(),
+    };
+    for (i, path) in keep.into_iter().zip(&outputs) {
+        info.batch = (n > 1).then_some((n, i));
+        output::write_png(path, &images[i], &info.to_string(), c.overwrite)?;
         println!("{}", path.display());
     }
     Ok(())
+}
+
+/// A1111's `TI hashes` for the `--embedding` files: `token: first 12 hex of the sha256`.
+fn ti_hashes(specs: &[String]) -> Result<Option<String>> {
+    let mut v = Vec::new();
+    for spec in specs {
+        let path = match spec.rsplit_once(':') {
+            Some((p, _)) if !Path::new(spec).is_file() && !p.is_empty() => p,
+            _ => spec.as_str(),
+        };
+        let file = parse_embedding(spec)?;
+        let hash = sd_pipeline::prompt_loras::short_sha256(Path::new(path))?;
+        v.push(format!("{}: {hash}", file.token().replace([':', ','], "")));
+    }
+    Ok((!v.is_empty()).then(|| v.join(", ")))
 }
 
 /// `PATH[:WEIGHT]`: the weight is what follows the last `:` when it is a number.

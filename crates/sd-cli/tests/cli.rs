@@ -384,7 +384,7 @@ fn prompt_lora_tags_are_the_explicit_loras() {
         tag.3.starts_with("a red fox, <lora:sd1_kohya:0.7> snow\n")
             && tag
                 .3
-                .ends_with(", Lora hashes: \"sd1_kohya: da06c1c9875a\""),
+                .contains(", Lora hashes: \"sd1_kohya: da06c1c9875a\", Version: sd-rs "),
         "{}",
         tag.3
     );
@@ -409,6 +409,62 @@ fn prompt_lora_tags_are_the_explicit_loras() {
         &["--prompt", "<lora:missing:1> x", "--prompt-syntax", "plain"],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// An image of a `--num-images` run (one generator, as diffusers) says which run and which
+/// image it is (`Batch size`, `Batch pos`); `--from-png` repeats that run and keeps that image.
+#[test]
+fn from_png_regenerates_one_image_of_a_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sd1_path = sd1();
+    let out = tmp.path().join("batch.png");
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        &sd1_path,
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "3",
+        "--prompt",
+        "a fox",
+        "--seed",
+        "5",
+        "--num-images",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let second = tmp.path().join("batch-1.png");
+    let (px_1, _, _, text_1) = read_png(&second);
+    let (px_0, _, _, text_0) = read_png(&tmp.path().join("batch-0.png"));
+    assert!(
+        text_0.contains(", Batch size: 2, Batch pos: 0,"),
+        "{text_0}"
+    );
+    assert!(
+        text_1.contains(", Batch size: 2, Batch pos: 1,"),
+        "{text_1}"
+    );
+    assert!(px_0 != px_1);
+    let again = tmp.path().join("again.png");
+    let o = sd(&[
+        "txt2img",
+        "--model",
+        &sd1_path,
+        "--from-png",
+        second.to_str().unwrap(),
+        "--output",
+        again.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (px, _, _, text) = read_png(&again);
+    assert_eq!(text, text_1);
+    assert!(px == px_1, "--from-png of batch image 1 gave other pixels");
+    assert!(!tmp.path().join("again-0.png").exists());
 }
 
 /// `sd pnginfo` prints a PNG's parameters; `--from-png` regenerates the same pixels from a PNG

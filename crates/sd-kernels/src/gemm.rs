@@ -303,12 +303,13 @@ fn pack_a<T: Element, A: ARows<T>>(
             let words = &mut tile.f32;
             words.truncate(mr * k);
             words.resize(mr * k, 0.0);
+            debug_assert!(mr <= MAX_MR && k > 0);
+            // f32 rows are interleaved from where they are (the operand, or the gather buffer
+            // of a convolution); bf16 rows are widened into `words` first.
+            let widened = T::as_f32(&[]).is_none();
             for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
                 let rows = mr.min(mc - t * mr);
-                // f32 rows are interleaved from where they are (the operand, or the gather
-                // buffer of a convolution); bf16 rows are widened into `words` first.
                 let mut refs: [&[f32]; MAX_MR] = [&[]; MAX_MR];
-                let widened = T::as_f32(&gather[..0]).is_none();
                 let mut wide_rows = words.chunks_exact_mut(k);
                 for (i, (r, g)) in refs
                     .iter_mut()

@@ -14,8 +14,11 @@ use sd_schedulers::SchedulerKind;
 /// t.clip_skip = Some(2);
 /// assert_eq!(
 ///     t.to_string(),
-///     "a red circle\nNegative prompt: \nSteps: 20, Sampler: Euler, CFG scale: 5, Seed: 7, \
-///      Size: 64x64, Model: demo, Clip skip: 2"
+///     format!(
+///         "a red circle\nSteps: 20, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 64x64, \
+///          Model: demo, Clip skip: 2, Version: sd-rs {}",
+///         env!("CARGO_PKG_VERSION")
+///     )
 /// );
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +50,14 @@ pub struct Infotext {
     /// A1111's `Lora hashes` value, `name: hash, ...` (see
     /// [`crate::prompt_loras::lora_hashes`]); written quoted, as A1111 quotes values with `:`.
     pub lora_hashes: Option<String>,
+    /// A1111's `TI hashes` value for the textual-inversion embeddings used, `name: hash, ...`.
+    pub ti_hashes: Option<String>,
+    /// A1111's `Model hash`: the first 10 hex digits of the sha256 of the checkpoint file
+    /// ([`crate::prompt_loras::sha256_hex`]); none for a diffusers folder (no one file).
+    pub model_hash: Option<String>,
+    /// `(Batch size, Batch pos)` for an image of a run that made several from one generator
+    /// (diffusers' `num_images_per_prompt`): the run to repeat and which of its images this is.
+    pub batch: Option<(usize, usize)>,
 }
 
 impl Infotext {
@@ -74,48 +85,64 @@ impl Infotext {
             denoising_strength: None,
             refiner: None,
             lora_hashes: None,
+            ti_hashes: None,
+            model_hash: None,
+            batch: None,
         }
     }
 }
 
+/// AUTOMATIC1111's layout (its `create_infotext`): the prompt; `Negative prompt: ...` only when
+/// there is one; then the settings in A1111's order, each only when it applies; `Version` last.
 impl fmt::Display for Infotext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (sampler, schedule_type) = self.scheduler.a1111_name();
-        write!(
-            f,
-            "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, ",
-            self.prompt, self.negative_prompt, self.steps
-        )?;
+        write!(f, "{}", self.prompt)?;
+        if !self.negative_prompt.is_empty() {
+            write!(f, "\nNegative prompt: {}", self.negative_prompt)?;
+        }
+        write!(f, "\nSteps: {}, Sampler: {sampler}, ", self.steps)?;
         if let Some(t) = schedule_type {
             write!(f, "Schedule type: {t}, ")?;
         }
         write!(
             f,
-            "CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-            self.cfg_scale, self.seed, self.size.0, self.size.1, self.model
+            "CFG scale: {}, Seed: {}, Size: {}x{}",
+            self.cfg_scale, self.seed, self.size.0, self.size.1
         )?;
+        if let Some(h) = &self.model_hash {
+            write!(f, ", Model hash: {h}")?;
+        }
+        write!(f, ", Model: {}", quote(&self.model))?;
+        if let Some((size, pos)) = self.batch.filter(|(n, _)| *n > 1) {
+            write!(f, ", Batch size: {size}, Batch pos: {pos}")?;
+        }
+        if let Some(s) = self.denoising_strength {
+            write!(f, ", Denoising strength: {s}")?;
+        }
         if let Some(n) = self.clip_skip.filter(|&n| n > 1) {
             write!(f, ", Clip skip: {n}")?;
         }
         if self.guidance_rescale > 0.0 {
             write!(f, ", Guidance rescale: {}", self.guidance_rescale)?;
         }
-        if let Some(s) = self.denoising_strength {
-            write!(f, ", Denoising strength: {s}")?;
-        }
         if let Some((r, at)) = &self.refiner {
-            write!(f, ", Refiner: {r}, Refiner switch at: {at}")?;
+            write!(f, ", Refiner: {}, Refiner switch at: {at}", quote(r))?;
         }
         if let Some(h) = &self.lora_hashes {
             write!(f, ", Lora hashes: {}", quote(h))?;
         }
-        Ok(())
+        if let Some(h) = &self.ti_hashes {
+            write!(f, ", TI hashes: {}", quote(h))?;
+        }
+        write!(f, ", Version: sd-rs {}", env!("CARGO_PKG_VERSION"))
     }
 }
 
-/// A1111's `quote`: a value with `,`, `:` or `"` is written as a JSON string, others as they are.
+/// A1111's `quote`: a value with `,`, `:` or a newline is written as a JSON string, others as
+/// they are.
 fn quote(v: &str) -> String {
-    if v.contains([',', ':', '"']) {
+    if v.contains([',', ':', '\n']) {
         serde_json::Value::String(v.to_owned()).to_string()
     } else {
         v.to_owned()

@@ -180,4 +180,34 @@ mod tests {
         assert_eq!(m["Clip skip"], "2");
         assert_eq!(m["Lora hashes"], "x: 0123456789ab, y: ba9876543210");
     }
+
+    #[test]
+    fn writes_a1111s_optional_fields_only_when_they_apply() {
+        use crate::{Infotext, SchedulerKind};
+        let mut i = Infotext::new("p", SchedulerKind::Euler, 4, 7.0, 1, (64, 64), "C:\\m.ckpt");
+        let plain = i.to_string();
+        // No negative prompt: no `Negative prompt:` line (A1111 omits it).
+        assert!(
+            plain.starts_with("p\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64")
+        );
+        assert!(!plain.contains("Negative prompt") && !plain.contains("Batch"));
+        assert!(plain.ends_with(&format!(", Version: sd-rs {}", env!("CARGO_PKG_VERSION"))));
+        i.model_hash = Some("6ce0161689".into());
+        i.batch = Some((3, 2));
+        i.denoising_strength = Some(0.6);
+        i.ti_hashes = Some("bad-hands: 0123456789ab".into());
+        let text = i.to_string();
+        assert!(text.contains(
+            "Size: 64x64, Model hash: 6ce0161689, Model: \"C:\\\\m.ckpt\", Batch size: 3, \
+             Batch pos: 2, Denoising strength: 0.6"
+        ));
+        let m = parse_infotext(&text);
+        assert_eq!(m["Model"], "C:\\m.ckpt");
+        assert_eq!(m["Batch pos"], "2");
+        assert_eq!(m["TI hashes"], "bad-hands: 0123456789ab");
+        assert_eq!(m["Version"], format!("sd-rs {}", env!("CARGO_PKG_VERSION")));
+        // A batch of one writes no batch fields.
+        i.batch = Some((1, 0));
+        assert!(!i.to_string().contains("Batch"));
+    }
 }

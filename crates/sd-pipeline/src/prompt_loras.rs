@@ -162,8 +162,15 @@ pub fn lora_hashes(loras: &[PromptLora]) -> Option<String> {
     (!v.is_empty()).then(|| v.join(", "))
 }
 
-/// The first 12 hex digits of the sha256 of the file at `path`.
+/// The first 12 hex digits of the sha256 of the file at `path` (A1111's LoRA and embedding
+/// hashes).
 pub fn short_sha256(path: &Path) -> Result<String> {
+    Ok(sha256_hex(path)?[..12].to_owned())
+}
+
+/// The sha256 of the file at `path`, as 64 lowercase hex digits (A1111's `Model hash` is the
+/// first 10).
+pub fn sha256_hex(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -174,8 +181,7 @@ pub fn short_sha256(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(hex[..12].to_owned())
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
