@@ -364,23 +364,13 @@ fn score_bytes(batch: f64, heads: f64, tokens: f64, cpu_blocked: bool) -> f64 {
     2.0 * all.min((SCORE_CHUNK_BYTES as f64).max(tokens * 4.0))
 }
 
-/// The tile size in pixels when the decode of an `height x width` image is tiled.
+/// The tile size in pixels when the decode of an `height x width` image is tiled (the VAE's
+/// own decision, [`Tiling::tiles_for`], on latents of `lh x lw`).
 fn tile_pixels(tiling: Tiling, height: usize, width: usize, lh: u64, lw: u64) -> Option<u64> {
-    let t = match tiling {
-        Tiling::Off => return None,
-        Tiling::On(t) => t,
-        Tiling::Auto {
-            tiles,
-            above_pixels,
-        } => {
-            if height.saturating_mul(width) <= above_pixels {
-                return None;
-            }
-            tiles
-        }
-    };
-    let lt = t.latent_size as u64;
-    (lh > lt || lw > lt).then_some(t.sample_size as u64)
+    let (lh, lw) = (usize::try_from(lh).ok()?, usize::try_from(lw).ok()?);
+    tiling
+        .tiles_for(height, width, lh, lw, |t| t.latent_size)
+        .map(|t| t.sample_size as u64)
 }
 
 /// The shapes of `req` at `size` (height, width).

@@ -76,9 +76,10 @@ pub enum Tiling {
 pub const AUTO_TILE_PIXELS: usize = 2 * 1024 * 1024;
 
 impl Tiling {
-    /// The tile sizes to use for an image of `height` x `width` pixels whose tensor spans
-    /// `in_h` x `in_w` elements with tiles of `tile` elements, if tiling applies.
-    pub(crate) fn tiles_for(
+    /// The tiles for an `height` x `width` pixel image whose input to the tiled model is
+    /// `in_h` x `in_w` elements with tiles of `tile` elements, if tiling applies (also used by
+    /// sd-pipeline's memory estimate, so that both take the same decision).
+    pub fn tiles_for(
         &self,
         height: usize,
         width: usize,
@@ -93,7 +94,7 @@ impl Tiling {
                 tiles,
                 above_pixels,
             } => {
-                if height * width <= *above_pixels {
+                if height.saturating_mul(width) <= *above_pixels {
                     return None;
                 }
                 tiles
