@@ -20,7 +20,7 @@ pub enum Command {
     Txt2img(Common),
     /// Generate images from an input image and a prompt.
     Img2img(Img2Img),
-    /// Print the version, the CPU and the kernel path in use (`SD_CPU_ISA` caps it).
+    /// Print the version, the CPU and the kernel path in use (the fastest for this CPU; `SD_CPU_ISA` sets it).
     Info,
     /// Read SDXL's invisible watermark from an image (PNG or JPEG, at least 256x256 pixels):
     /// prints the 48 bits as hex and whether they are the mark diffusers and sd-rs put on SDXL

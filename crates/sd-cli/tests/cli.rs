@@ -678,7 +678,8 @@ fn refiner_ensemble_and_img2img_match_diffusers() {
     assert!(text.contains("Denoising strength: 0.3"), "{text}");
 }
 
-/// `sd info` names the CPU and the kernel path, and `SD_CPU_ISA` caps the path.
+/// `sd info` names the CPU and the kernel path, and `SD_CPU_ISA` sets the path (the highest the
+/// host has up to that name).
 #[test]
 fn info_prints_the_kernel_path_and_honours_the_cap() {
     let out = sd(&["info"]);
