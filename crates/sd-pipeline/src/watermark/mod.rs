@@ -97,6 +97,20 @@ pub fn apply_watermark(images: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (n, c, h, w), images.device())?)
 }
 
+/// [`check_size`], and three planes of `height x width` values each; the plane size.
+fn check_planes(lens: [usize; 3], height: usize, width: usize) -> Result<usize> {
+    check_size(height, width)?;
+    let n = height * width;
+    if lens.iter().any(|&l| l != n) {
+        return Err(Error::invalid_argument(
+            "planes",
+            format!("lengths {}, {}, {}", lens[0], lens[1], lens[2]),
+            format!("{n} values each ({height}x{width})"),
+        ));
+    }
+    Ok(n)
+}
+
 /// imwatermark's `WatermarkEncoder` with `set_watermark("bits", bits)` and
 /// `encode(image, "dwtDct")`, on planar float images with values in 0..255 (what its BGR arrays
 /// hold; planes are row-major `height` x `width`), in place.
@@ -106,15 +120,7 @@ pub fn encode_dwt_dct(
     width: usize,
     bits: &[u8],
 ) -> Result<()> {
-    check_size(height, width)?;
-    let n = height * width;
-    if [r.len(), g.len(), b.len()].iter().any(|&l| l != n) {
-        return Err(Error::invalid_argument(
-            "planes",
-            format!("lengths {}, {}, {}", r.len(), g.len(), b.len()),
-            format!("{n} values each ({height}x{width})"),
-        ));
-    }
+    check_planes([r.len(), g.len(), b.len()], height, width)?;
     if bits.is_empty() {
         return Err(Error::invalid_argument("bits", "none", "at least one bit"));
     }
@@ -155,15 +161,7 @@ pub fn decode_dwt_dct_f32(
     width: usize,
     len: usize,
 ) -> Result<Vec<u8>> {
-    check_size(height, width)?;
-    let n = height * width;
-    if [r.len(), g.len(), b.len()].iter().any(|&l| l != n) {
-        return Err(Error::invalid_argument(
-            "planes",
-            format!("lengths {}, {}, {}", r.len(), g.len(), b.len()),
-            format!("{n} values each ({height}x{width})"),
-        ));
-    }
+    let n = check_planes([r.len(), g.len(), b.len()], height, width)?;
     let u: Vec<f32> = (0..n)
         .map(|k| dwt_dct::yuv_from_bgr_f32(b[k], g[k], r[k]).1)
         .collect();
