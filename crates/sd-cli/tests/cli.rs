@@ -695,3 +695,14 @@ fn info_prints_the_kernel_path_and_honours_the_cap() {
     let text = String::from_utf8_lossy(&capped.stdout);
     assert!(text.contains("kernel path: generic "), "{text}");
 }
+
+/// An I/O error is reported once: the library's message already carries its cause, and the
+/// printer does not repeat it.
+#[test]
+fn a_missing_file_is_named_once() {
+    let o = sd(&["watermark", "/nonexistent/sd-rs-test.png"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/nonexistent/sd-rs-test.png"), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
