@@ -1,20 +1,26 @@
-//! Scaled dot-product attention over blocks of queries, on the packed GEMM core, reading the
-//! heads straight out of the projections' `[B, L, heads * d]` layout and writing the output in
-//! that layout (no head split or merge copies).
+//! Scaled dot-product attention over blocks of queries, on the packed GEMM micro-kernels,
+//! reading the heads straight out of the projections' `[B, L, heads * d]` layout and writing the
+//! output in that layout (no head split or merge copies).
 //!
-//! Per (image, head): `K^T` and `V` are packed once; then for each block of query rows,
-//! `S = scale * Q K^T` (f32, whatever the operands), the exact softmax of each row in f32
-//! (max, `exp(s - max)`, sum), the unnormalised probabilities rounded to the operand type, `P V`
-//! accumulated in f32 and divided by the row sum once, as torch's CPU flash-attention kernel
-//! does. Only one block of scores per thread exists at a time (`QB x Lk` f32, sized to stay in
-//! L2), never the `Lq x Lk` matrix. Work (image, head, query block) is split across threads.
+//! The products are computed transposed, so that the softmax runs down columns and its result
+//! is already the packed operand of the next product. Per (image, head), `K` (keys x d) and
+//! `V^T` (d x keys) are packed once as left-hand operands. Per block of queries (whole
+//! micro-tile widths): `S^T = K Q^T` (f32 scores, keys down, queries across; each micro-tile is
+//! written where the softmax reads it), the exact softmax of each column in f32 (max of
+//! `scale * s`, `exp(scale * s - max)`, sum) in place (an f32 block is then `P^T` in the
+//! kernel's B layout as it stands; for bf16 the unnormalised probabilities are rounded into the
+//! bf16 layout), `O^T = V^T P^T` accumulated in f32, and each query's row divided by its sum once,
+//! as torch's CPU flash-attention kernel does. Only one block of scores per thread exists at a
+//! time (`keys x QB` f32, sized to stay in L2), never the `Lq x Lk` matrix. Work (image, head,
+//! query block) is split across threads.
 
-use crate::epilogue::{Element, Epilogue};
-use crate::gemm::{gemm_rows, AMatrix, GemmOptions};
+use crate::convert;
+use crate::epilogue::Element;
+use crate::gemm::{a_offset, pack_a, ABuf, AMatrix, ARows, GemmOptions, TileBuf};
 use crate::isa::Isa;
-use crate::kernels::Micro;
+use crate::kernels::{Micro, TileArgs};
 use crate::math;
-use crate::pack::{BSource, PackedB};
+use crate::pack::{layout_for, BLayout, DType};
 use crate::KernelError;
 
 /// Shapes and layouts of one attention call. Each of q, k, v and out is `[batch, len, stride]`
@@ -123,102 +129,86 @@ pub fn attention<T: Element>(
         .threads
         .unwrap_or_else(crate::default_threads)
         .clamp(1, slices * s.q_len);
-    let inner = GemmOptions {
-        threads: Some(1),
-        emulate: opts.emulate,
-    };
+    let micro = Micro::select(params.isa, T::DTYPE, opts.emulate);
+    let (layout, b_nr, kstep, _) = layout_for(params.isa, T::DTYPE);
+    let geo = Geometry::new(&s, &micro, layout, b_nr, kstep);
 
-    // 1. K^T and V of every (image, head), packed once.
-    let pack_slice = |i: usize| -> Result<(PackedB, PackedB), KernelError> {
+    // 1. K and V^T of every (image, head), packed once as left-hand operands.
+    let pack_slice = |i: usize| -> Result<SliceOperands, KernelError> {
         let (b, h) = (i / s.heads, i % s.heads);
-        let kt = BSource {
+        let keys = AMatrix {
             data: &k[b * s.kv_len * s.k_stride + h * s.head_dim..],
-            k: s.head_dim,
-            n: s.kv_len,
-            stride_k: 1,
-            stride_n: s.k_stride,
+            rows: s.kv_len,
+            stride: s.k_stride,
         };
-        let vs = BSource {
+        let values = Columns {
             data: &v[b * s.kv_len * s.v_stride + h * s.head_dim..],
-            k: s.kv_len,
-            n: s.head_dim,
-            stride_k: s.v_stride,
-            stride_n: 1,
+            rows: s.head_dim,
+            stride: s.v_stride,
         };
-        Ok((
-            PackedB::pack(kt, params.isa, T::DTYPE, false)?,
-            PackedB::pack(vs, params.isa, T::DTYPE, false)?,
-        ))
+        let mut tile = TileBuf::default();
+        let mut gather = vec![T::ZERO; s.head_dim.max(s.kv_len) * micro.mr];
+        let mut kbuf = ABuf::new(micro.a_format);
+        pack_a(
+            &keys,
+            s.head_dim,
+            geo.dp,
+            0,
+            s.kv_len,
+            &micro,
+            &mut kbuf,
+            &mut tile,
+            &mut gather,
+        );
+        let mut vbuf = ABuf::new(micro.a_format);
+        pack_a(
+            &values,
+            s.kv_len,
+            geo.kp_keys,
+            0,
+            s.head_dim,
+            &micro,
+            &mut vbuf,
+            &mut tile,
+            &mut gather,
+        );
+        Ok(SliceOperands { k: kbuf, vt: vbuf })
     };
-    let packed: Vec<(PackedB, PackedB)> = parallel_map(slices, threads, pack_slice)?;
+    let packed: Vec<SliceOperands> = parallel_map(slices, threads, pack_slice)?;
 
-    // 2. Blocks of query rows.
-    // Whole micro-tiles of query rows (a block of 32 rows on a 12-row kernel computes 36).
-    let mr = Micro::select(params.isa, T::DTYPE, opts.emulate).mr;
-    let qb = (SCORE_BLOCK_BYTES / (s.kv_len * 4)).clamp(mr, 256) / mr * mr;
-    let blocks = s.q_len.div_ceil(qb);
+    // 2. Blocks of query columns.
+    let blocks = s.q_len.div_ceil(geo.qb);
     let items = slices * blocks;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    let run = |range: std::ops::Range<usize>| -> Result<(), KernelError> {
-        let mut scores = vec![0f32; qb * s.kv_len];
-        let mut probs = vec![T::ZERO; qb * s.kv_len];
-        let mut acc = vec![0f32; qb * s.head_dim];
-        let mut sums = vec![0f32; qb];
-        let mut row = vec![T::ZERO; s.head_dim];
+    let run = |range: std::ops::Range<usize>| {
+        let mut bufs = BlockBufs::<T>::new(&geo);
+        if let Some(begin) = micro.begin {
+            // SAFETY: the kernel was selected natively (or is an emulator without a begin).
+            unsafe { begin() };
+        }
         for item in range {
             let (slice, blk) = (item / blocks, item % blocks);
             let (b, h) = (slice / s.heads, slice % s.heads);
-            let (kt, vp) = &packed[slice];
-            let r0 = blk * qb;
-            let rows = qb.min(s.q_len - r0);
-            let a = AMatrix {
-                data: &q[(b * s.q_len + r0) * s.q_stride + h * s.head_dim..],
-                rows,
-                stride: s.q_stride,
+            let r0 = blk * geo.qb;
+            let rows = geo.qb.min(s.q_len - r0);
+            let q_rows = &q[(b * s.q_len + r0) * s.q_stride + h * s.head_dim..];
+            // SAFETY: the block's buffers and the packed operands have the sizes of `geo`.
+            unsafe {
+                query_block(
+                    &geo,
+                    &micro,
+                    params,
+                    &packed[slice],
+                    q_rows,
+                    rows,
+                    r0,
+                    &mut bufs,
+                )
             };
-            let epi = Epilogue {
-                scale: params.scale,
-                ..Epilogue::default()
-            };
-            gemm_rows(
-                &inner,
-                &a,
-                kt,
-                &mut scores[..rows * s.kv_len],
-                s.kv_len,
-                &epi,
-            )?;
-            softmax_dispatch(
-                &mut scores[..rows * s.kv_len],
-                &mut probs[..rows * s.kv_len],
-                &mut sums[..rows],
-                s.kv_len,
-                params.causal.then_some(r0),
-            );
-            let p = AMatrix {
-                data: &probs[..rows * s.kv_len],
-                rows,
-                stride: s.kv_len,
-            };
-            gemm_rows(
-                &inner,
-                &p,
-                vp,
-                &mut acc[..rows * s.head_dim],
-                s.head_dim,
-                &Epilogue::default(),
-            )?;
-            for (i, (a_row, sum)) in acc
-                .chunks_exact_mut(s.head_dim)
-                .zip(&sums)
-                .take(rows)
-                .enumerate()
-            {
-                let inv = 1.0 / sum;
-                a_row.iter_mut().for_each(|x| *x *= inv);
-                T::from_f32_slice(a_row, &mut row);
-                let off = (b * s.q_len + r0 + i) * s.out_stride + h * s.head_dim;
+            for c in 0..rows {
+                let off = (b * s.q_len + r0 + c) * s.out_stride + h * s.head_dim;
+                let row = bufs.output_row(&geo, c);
                 debug_assert!(off + s.head_dim <= out_len);
                 // SAFETY: each (image, row, head) block of `out` belongs to exactly one work
                 // item, and the extent was checked against `out.len()` above.
@@ -227,10 +217,14 @@ pub fn attention<T: Element>(
                 }
             }
         }
-        Ok(())
+        if let Some(end) = micro.end {
+            // SAFETY: paired with `begin` on this thread.
+            unsafe { end() };
+        }
     };
     if threads == 1 {
-        return run(0..items);
+        run(0..items);
+        return Ok(());
     }
     let per = items.div_ceil(threads);
     std::thread::scope(|sc| {
@@ -244,9 +238,158 @@ pub fn attention<T: Element>(
             .collect();
         handles.into_iter().try_for_each(|h| {
             h.join()
-                .unwrap_or_else(|_| Err(KernelError::new("an attention worker panicked")))
+                .map_err(|_| KernelError::new("an attention worker panicked"))
         })
     })
+}
+
+/// The sizes of one attention call's blocks.
+struct Geometry {
+    q_stride: usize,
+    kv_len: usize,
+    head_dim: usize,
+    /// Queries per block: whole micro-tile widths (`nr`).
+    qb: usize,
+    /// Micro-tile width (`Micro::nr`).
+    nr: usize,
+    /// Columns per B panel of the layout (AMX: half a micro-tile).
+    b_nr: usize,
+    layout: BLayout,
+    /// `head_dim` padded to the kernel's K granularity (K of the scores product).
+    dp: usize,
+    /// `kv_len` padded to the K granularity (K of the output product).
+    kp_keys: usize,
+    /// `kv_len` padded to whole micro-tile heights (rows of the scores block).
+    keys_pad: usize,
+    /// `head_dim` padded to whole micro-tile heights (rows of the output block).
+    dims_pad: usize,
+}
+
+impl Geometry {
+    fn new(s: &AttentionShape, micro: &Micro, layout: BLayout, b_nr: usize, kstep: usize) -> Self {
+        let nr = micro.nr;
+        // The f32 and bf16 layouts have one panel per micro-tile (P^T is written per panel).
+        debug_assert!(nr <= MAX_NR && (layout == BLayout::Bf16Pairs || b_nr == nr));
+        debug_assert!(nr.is_multiple_of(b_nr));
+        let keys_pad = s.kv_len.div_ceil(micro.mr) * micro.mr;
+        let fit = SCORE_BLOCK_BYTES / (keys_pad * 4) / nr * nr;
+        let qb = fit
+            .clamp(nr, MAX_QUERY_BLOCK)
+            .min(s.q_len.div_ceil(nr) * nr);
+        Geometry {
+            q_stride: s.q_stride,
+            kv_len: s.kv_len,
+            head_dim: s.head_dim,
+            qb,
+            nr,
+            b_nr,
+            layout,
+            dp: s.head_dim.div_ceil(kstep) * kstep,
+            kp_keys: s.kv_len.div_ceil(kstep) * kstep,
+            keys_pad,
+            dims_pad: s.head_dim.div_ceil(micro.mr) * micro.mr,
+        }
+    }
+
+    /// Index of element `(k, col)` of a right-hand operand with `kp` rows in the B layout.
+    #[inline(always)]
+    fn b_index(&self, kp: usize, k: usize, col: usize) -> usize {
+        let (p, c) = (col / self.b_nr, col % self.b_nr);
+        match self.layout {
+            BLayout::F32 | BLayout::Bf16 => (p * kp + k) * self.b_nr + c,
+            BLayout::Bf16Pairs => p * kp * self.b_nr + ((k / 2) * self.b_nr + c) * 2 + k % 2,
+        }
+    }
+}
+
+/// The largest block of queries (columns of the scores).
+const MAX_QUERY_BLOCK: usize = 256;
+
+/// One (image, head)'s keys (`kv_len x head_dim`) and values transposed (`head_dim x kv_len`),
+/// packed in the kernel's A format.
+struct SliceOperands {
+    k: ABuf,
+    vt: ABuf,
+}
+
+/// The columns of a strided matrix as rows: row `m` holds element `m` of each of the
+/// `buf.len()` rows of `data` (the values of one channel, for `V^T`).
+struct Columns<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    stride: usize,
+}
+
+impl<T: Element> ARows<T> for Columns<'_, T> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn row<'s>(&'s self, m: usize, buf: &'s mut [T]) -> &'s [T] {
+        for (i, x) in buf.iter_mut().enumerate() {
+            *x = self.data[i * self.stride + m];
+        }
+        buf
+    }
+}
+
+/// One thread's buffers for a block of queries.
+struct BlockBufs<T> {
+    /// `Q^T` in the B layout (`dp` rows, `qb` columns): f32 or bf16 bits.
+    qt_f32: Vec<f32>,
+    qt_bf16: Vec<u16>,
+    /// The scores `S^T`, then the probabilities (f32): per micro-tile column block,
+    /// `keys_pad` rows of `nr` f32. In the f32 layout this is also `P^T` as the kernel reads it.
+    st: Vec<f32>,
+    /// `P^T` in a bf16 layout (`kp_keys` rows, `qb` columns).
+    pt: Vec<half::bf16>,
+    /// The output block `O^T`: `dims_pad` rows of `nr`, for one column block at a time;
+    /// kept for all column blocks (`qb / nr` of them).
+    ot: Vec<f32>,
+    /// Softmax sums per query.
+    sums: Vec<f32>,
+    /// One output row (f32, then as T).
+    row_f32: Vec<f32>,
+    row: Vec<T>,
+}
+
+impl<T: Element> BlockBufs<T> {
+    fn new(g: &Geometry) -> Self {
+        let bf16 = T::DTYPE == DType::Bf16;
+        BlockBufs {
+            qt_f32: if bf16 {
+                Vec::new()
+            } else {
+                vec![0.0; g.dp * g.qb]
+            },
+            qt_bf16: if bf16 {
+                vec![0; g.dp * g.qb]
+            } else {
+                Vec::new()
+            },
+            st: vec![0.0; g.keys_pad * g.qb],
+            pt: if bf16 {
+                vec![half::bf16::ZERO; g.kp_keys * g.qb]
+            } else {
+                Vec::new()
+            },
+            ot: vec![0.0; g.dims_pad * g.qb],
+            sums: vec![0.0; g.qb],
+            row_f32: vec![0.0; g.head_dim],
+            row: vec![T::ZERO; g.head_dim],
+        }
+    }
+
+    /// Output row of query `c` of the last block: `O[c] / sum[c]`, rounded to T.
+    fn output_row(&mut self, g: &Geometry, c: usize) -> &[T] {
+        let (blk, col) = (c / g.nr, c % g.nr);
+        let ot = &self.ot[blk * g.dims_pad * g.nr..];
+        let inv = 1.0 / self.sums[c];
+        for (j, x) in self.row_f32.iter_mut().enumerate() {
+            *x = ot[j * g.nr + col] * inv;
+        }
+        T::from_f32_slice(&self.row_f32, &mut self.row);
+        &self.row
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -291,97 +434,266 @@ fn parallel_map<R: Send>(
     })
 }
 
-/// Row softmax of `scores` (`rows x lk`): `probs = exp(s - max)` rounded to `T`, `sums` the f32
-/// sums of the unrounded exponentials. With `causal = Some(r0)`, row `i` is query `r0 + i` and
-/// keys after it are excluded.
-#[inline(always)]
-fn softmax<T: Element>(
-    scores: &mut [f32],
-    probs: &mut [T],
-    sums: &mut [f32],
-    lk: usize,
-    causal: Option<usize>,
+/// One block of `rows` queries (`q` at the block's first row, head offset applied) against
+/// all keys of one (image, head): `S^T = K Q^T`, the softmax down each column, `O^T = V^T P^T`.
+///
+/// # Safety
+/// `bufs` and `ops` were made for `g`; `q` holds `rows` rows of `head_dim` at `g.q_stride`
+/// (checked by `attention`); the kernel's ISA is available (or the kernel is emulated).
+#[allow(clippy::too_many_arguments)]
+unsafe fn query_block<T: Element>(
+    g: &Geometry,
+    micro: &Micro,
+    params: &AttentionParams,
+    ops: &SliceOperands,
+    q: &[T],
+    rows: usize,
+    r0: usize,
+    bufs: &mut BlockBufs<T>,
 ) {
-    for (i, ((srow, prow), sum)) in scores
-        .chunks_exact_mut(lk)
-        .zip(probs.chunks_exact_mut(lk))
-        .zip(sums.iter_mut())
-        .enumerate()
-    {
-        let seen = match causal {
-            Some(r0) => (r0 + i + 1).min(lk),
-            None => lk,
+    let (mr, nr) = (micro.mr, g.nr);
+    let col_blocks = rows.div_ceil(nr);
+
+    // Q^T in the B layout; columns past `rows` and rows past `head_dim` are zero.
+    let bf16 = T::DTYPE == DType::Bf16;
+    if bf16 {
+        bufs.qt_bf16.fill(0);
+    } else {
+        bufs.qt_f32.fill(0.0);
+    }
+    for c in 0..rows {
+        let src = &q[c * g.q_stride..][..g.head_dim];
+        for (j, x) in src.iter().enumerate() {
+            let at = g.b_index(g.dp, j, c);
+            if bf16 {
+                bufs.qt_bf16[at] = x.to_bf16_bits();
+            } else {
+                bufs.qt_f32[at] = x.to_f32();
+            }
+        }
+    }
+    let (qt_base, qt_elem) = if bf16 {
+        (bufs.qt_bf16.as_ptr() as *const u8, 2)
+    } else {
+        (bufs.qt_f32.as_ptr() as *const u8, 4)
+    };
+    let (k_base, k_elem) = ops.k.base();
+    let (vt_base, vt_elem) = ops.vt.base();
+
+    for cb in 0..col_blocks {
+        let st = &mut bufs.st[cb * g.keys_pad * nr..][..g.keys_pad * nr];
+        // S^T for these nr queries: one micro-tile per MR keys, written in place.
+        let panel = cb * nr / g.b_nr;
+        let mut pc = 0;
+        while pc < g.dp {
+            let kc = micro.kc.min(g.dp - pc);
+            for ir in (0..g.keys_pad).step_by(mr) {
+                let args = TileArgs {
+                    kc,
+                    // SAFETY: inside the packed keys (`keys_pad` rows of `dp`).
+                    a: unsafe { k_base.add(a_offset(micro.a_format, mr, g.dp, ir, pc) * k_elem) },
+                    a_stride: g.dp,
+                    // SAFETY: inside Q^T (`qb / b_nr` panels of `dp` rows).
+                    b: unsafe { qt_base.add((panel * g.dp + pc) * g.b_nr * qt_elem) },
+                    b_panel_stride: g.dp * g.b_nr,
+                    // SAFETY: rows ir..ir+mr of this column block of S^T.
+                    c: unsafe { st.as_mut_ptr().add(ir * nr) },
+                    ldc: nr,
+                    accumulate: pc > 0,
+                };
+                // SAFETY: the tile arguments satisfy the kernel's contract.
+                unsafe { (micro.run)(&args) };
+            }
+            pc += kc;
+        }
+        let causal = params.causal.then_some(r0 + cb * nr);
+        let sums = &mut bufs.sums[cb * nr..][..nr];
+        let pt = bf16.then_some(&mut bufs.pt[..]);
+        probabilities_dispatch(g, cb, st, params.scale, causal, sums, pt);
+        // P^T as the output product reads it: the f32 block itself, or its bf16 rounding.
+        let (pt_base, pt_elem, pt_rows, pt_panel) = if bf16 {
+            (bufs.pt.as_ptr() as *const u8, 2, g.kp_keys, panel)
+        } else {
+            (st.as_ptr() as *const u8, 4, g.keys_pad, 0)
         };
-        let (live, masked) = srow.split_at_mut(seen);
-        // Lane-wise partial max and sum, so that both reductions vectorize.
-        let mut lanes = [f32::NEG_INFINITY; 16];
-        let mut chunks = live.chunks_exact(16);
-        for c in &mut chunks {
-            for (l, x) in lanes.iter_mut().zip(c) {
-                *l = l.max(*x);
+        // O^T for these queries, `dims_pad` rows of nr.
+        let ot = &mut bufs.ot[cb * g.dims_pad * nr..][..g.dims_pad * nr];
+        let mut pc = 0;
+        while pc < g.kp_keys {
+            let kc = micro.kc.min(g.kp_keys - pc);
+            for ir in (0..g.dims_pad).step_by(mr) {
+                let args = TileArgs {
+                    kc,
+                    // SAFETY: inside the packed V^T (`dims_pad` rows of `kp_keys`).
+                    a: unsafe {
+                        vt_base.add(a_offset(micro.a_format, mr, g.kp_keys, ir, pc) * vt_elem)
+                    },
+                    a_stride: g.kp_keys,
+                    // SAFETY: inside P^T (panels of `pt_rows` rows).
+                    b: unsafe { pt_base.add((pt_panel * pt_rows + pc) * g.b_nr * pt_elem) },
+                    b_panel_stride: pt_rows * g.b_nr,
+                    // SAFETY: rows ir..ir+mr of this column block of O^T.
+                    c: unsafe { ot.as_mut_ptr().add(ir * nr) },
+                    ldc: nr,
+                    accumulate: pc > 0,
+                };
+                // SAFETY: the tile arguments satisfy the kernel's contract.
+                unsafe { (micro.run)(&args) };
             }
+            pc += kc;
         }
-        let max = chunks
-            .remainder()
-            .iter()
-            .chain(lanes.iter())
-            .fold(f32::NEG_INFINITY, |m, x| m.max(*x));
-        for x in live.iter_mut() {
-            *x = math::exp(*x - max);
-        }
-        let mut lanes = [0f32; 16];
-        let mut chunks = live.chunks_exact(16);
-        for c in &mut chunks {
-            for (l, x) in lanes.iter_mut().zip(c) {
-                *l += *x;
-            }
-        }
-        let total = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-        masked.fill(0.0);
-        *sum = total;
-        T::from_f32_slice(srow, prow);
     }
 }
 
-/// [`softmax`] compiled for the host's vector width.
-fn softmax_dispatch<T: Element>(
-    scores: &mut [f32],
-    probs: &mut [T],
-    sums: &mut [f32],
-    lk: usize,
+/// The probabilities of column block `cb` (`g.nr` queries): the softmax down each column of
+/// `s` (`kv_len` valid rows of `nr` scores), in place: each score becomes
+/// `exp(scale * s - max)` with `max` the column's largest `scale * s`; `sums` gets the columns'
+/// f32 sums. With `causal = Some(q0)`, column `c` is query `q0 + c` and the keys after it become
+/// 0. With `pt`, the probabilities are also rounded to bf16 into `P^T`'s layout (rows from
+/// `kv_len` to `kp_keys` zero).
+#[inline(always)]
+fn probabilities(
+    g: &Geometry,
+    cb: usize,
+    s: &mut [f32],
+    scale: f32,
     causal: Option<usize>,
+    sums: &mut [f32],
+    pt: Option<&mut [half::bf16]>,
+) {
+    let w = g.nr;
+    debug_assert!(w <= MAX_NR && sums.len() == w);
+    let s = &mut s[..g.kv_len * w];
+    let mut max = [f32::NEG_INFINITY; MAX_NR];
+    let mut sum = [0f32; MAX_NR];
+    let (max, sum) = (&mut max[..w], &mut sum[..w]);
+    match causal {
+        None => {
+            for row in s.chunks_exact(w) {
+                for (m, x) in max.iter_mut().zip(row) {
+                    *m = m.max(*x * scale);
+                }
+            }
+            for row in s.chunks_exact_mut(w) {
+                for ((x, m), t) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+                    let e = math::exp(*x * scale - *m);
+                    *x = e;
+                    *t += e;
+                }
+            }
+        }
+        Some(q0) => {
+            for (key, row) in s.chunks_exact(w).enumerate() {
+                for (c, (m, x)) in max.iter_mut().zip(row).enumerate() {
+                    if key <= q0 + c {
+                        *m = m.max(*x * scale);
+                    }
+                }
+            }
+            for (key, row) in s.chunks_exact_mut(w).enumerate() {
+                for (c, ((x, m), t)) in row
+                    .iter_mut()
+                    .zip(max.iter())
+                    .zip(sum.iter_mut())
+                    .enumerate()
+                {
+                    let e = if key <= q0 + c {
+                        math::exp(*x * scale - *m)
+                    } else {
+                        0.0
+                    };
+                    *x = e;
+                    *t += e;
+                }
+            }
+        }
+    }
+    sums.copy_from_slice(sum);
+    let Some(pt) = pt else { return };
+    let zero = [0f32; MAX_NR];
+    let row = |key: usize| -> &[f32] {
+        if key < g.kv_len {
+            &s[key * w..][..w]
+        } else {
+            &zero[..w]
+        }
+    };
+    match g.layout {
+        BLayout::F32 | BLayout::Bf16 => {
+            // One panel per column block (b_nr == nr): rows are contiguous.
+            let panel = &mut pt[cb * g.kp_keys * w..][..g.kp_keys * w];
+            for (key, dst) in panel.chunks_exact_mut(w).enumerate() {
+                for (d, x) in dst.iter_mut().zip(row(key)) {
+                    *d = half::bf16::from_bits(convert::round_bits(*x));
+                }
+            }
+        }
+        BLayout::Bf16Pairs => {
+            let b_nr = g.b_nr;
+            for kk in 0..g.kp_keys / 2 {
+                let (r0, r1) = (row(2 * kk), row(2 * kk + 1));
+                for sub in 0..w / b_nr {
+                    let panel = cb * w / b_nr + sub;
+                    let dst = &mut pt[(panel * g.kp_keys + 2 * kk) * b_nr..][..2 * b_nr];
+                    for (cc, pair) in dst.chunks_exact_mut(2).enumerate() {
+                        pair[0] = half::bf16::from_bits(convert::round_bits(r0[sub * b_nr + cc]));
+                        pair[1] = half::bf16::from_bits(convert::round_bits(r1[sub * b_nr + cc]));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The widest micro-tile (columns) of the kernels.
+const MAX_NR: usize = 32;
+
+/// [`probabilities`] compiled for the host's vector width, with the block width known at
+/// compile time.
+fn probabilities_dispatch(
+    g: &Geometry,
+    cb: usize,
+    s: &mut [f32],
+    scale: f32,
+    causal: Option<usize>,
+    sums: &mut [f32],
+    pt: Option<&mut [half::bf16]>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        unsafe fn avx512<T: Element>(
-            scores: &mut [f32],
-            probs: &mut [T],
-            sums: &mut [f32],
-            lk: usize,
+        unsafe fn avx512(
+            g: &Geometry,
+            cb: usize,
+            s: &mut [f32],
+            scale: f32,
             causal: Option<usize>,
+            sums: &mut [f32],
+            pt: Option<&mut [half::bf16]>,
         ) {
-            softmax(scores, probs, sums, lk, causal)
+            probabilities(g, cb, s, scale, causal, sums, pt)
         }
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<T: Element>(
-            scores: &mut [f32],
-            probs: &mut [T],
-            sums: &mut [f32],
-            lk: usize,
+        unsafe fn avx2(
+            g: &Geometry,
+            cb: usize,
+            s: &mut [f32],
+            scale: f32,
             causal: Option<usize>,
+            sums: &mut [f32],
+            pt: Option<&mut [half::bf16]>,
         ) {
-            softmax(scores, probs, sums, lk, causal)
+            probabilities(g, cb, s, scale, causal, sums, pt)
         }
         match Isa::current() {
             // SAFETY: the process's ISA says the features are available.
             Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
-                return unsafe { avx512(scores, probs, sums, lk, causal) }
+                return unsafe { avx512(g, cb, s, scale, causal, sums, pt) }
             }
             // SAFETY: as above.
-            Isa::Avx2 => return unsafe { avx2(scores, probs, sums, lk, causal) },
+            Isa::Avx2 => return unsafe { avx2(g, cb, s, scale, causal, sums, pt) },
             Isa::Generic => {}
         }
     }
-    softmax(scores, probs, sums, lk, causal)
+    probabilities(g, cb, s, scale, causal, sums, pt)
 }

@@ -7,7 +7,7 @@ use half::bf16;
 use crate::isa::Isa;
 
 #[inline(always)]
-fn round_bits(x: f32) -> u16 {
+pub(crate) fn round_bits(x: f32) -> u16 {
     let bits = x.to_bits();
     let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
     if x.is_nan() {

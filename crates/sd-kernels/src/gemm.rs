@@ -252,7 +252,7 @@ unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// Packed A of one row block: f32 panels, bf16 pair panels (one word per `(k, k+1)` pair, the
 /// low half `k`, as the kernel reads it) or bf16 rows.
-enum ABuf {
+pub(crate) enum ABuf {
     F32(Vec<f32>),
     Pairs(Vec<u32>),
     U16(Vec<u16>),
@@ -265,12 +265,32 @@ impl Default for ABuf {
 }
 
 impl ABuf {
-    fn new(format: AFormat) -> Self {
+    pub(crate) fn new(format: AFormat) -> Self {
         match format {
             AFormat::F32Panels => ABuf::F32(Vec::new()),
             AFormat::Bf16PairPanels => ABuf::Pairs(Vec::new()),
             AFormat::Bf16Rows => ABuf::U16(Vec::new()),
         }
+    }
+
+    /// The packed data and its element size in bytes (pair words count as two bf16 halves, the
+    /// unit of [`a_offset`]).
+    pub(crate) fn base(&self) -> (*const u8, usize) {
+        match self {
+            ABuf::F32(v) => (v.as_ptr() as *const u8, 4),
+            ABuf::Pairs(v) => (v.as_ptr() as *const u8, 2),
+            ABuf::U16(v) => (v.as_ptr() as *const u8, 2),
+        }
+    }
+}
+
+/// Elements (of [`ABuf::base`]'s size) from the start of a packed A block to row `ir` (a
+/// multiple of MR) at K offset `pc`, for rows padded to `kp`.
+#[inline(always)]
+pub(crate) fn a_offset(format: AFormat, mr: usize, kp: usize, ir: usize, pc: usize) -> usize {
+    match format {
+        AFormat::Bf16Rows => ir * kp + pc,
+        _ => ir * kp + pc * mr,
     }
 }
 
@@ -281,7 +301,7 @@ impl ABuf {
 /// `tile` (row-major, one word per f32 or per bf16 pair), then interleaved word by word into
 /// the panel, so that every store of the panel is sequential.
 #[allow(clippy::too_many_arguments)]
-fn pack_a<T: Element, A: ARows<T>>(
+pub(crate) fn pack_a<T: Element, A: ARows<T>>(
     a: &A,
     k: usize,
     kp: usize,
@@ -373,7 +393,7 @@ fn pack_a<T: Element, A: ARows<T>>(
 
 /// Row-major scratch for one tile of A being packed.
 #[derive(Default)]
-struct TileBuf {
+pub(crate) struct TileBuf {
     f32: Vec<f32>,
     pairs: Vec<u32>,
 }
@@ -539,12 +559,7 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
         let mc = mc_max.min(rows.end - m0);
         let mc_pad = mc.div_ceil(mr) * mr;
         pack_a(a, b.k, kp, m0, mc, micro, abuf, tile, &mut gather);
-        let (a_base, a_elem) = match &*abuf {
-            ABuf::F32(v) => (v.as_ptr() as *const u8, 4),
-            // Offsets below count bf16 halves of the words.
-            ABuf::Pairs(v) => (v.as_ptr() as *const u8, 2),
-            ABuf::U16(v) => (v.as_ptr() as *const u8, 2),
-        };
+        let (a_base, a_elem) = abuf.base();
         let mut c0 = cols.start;
         while c0 < cols.end {
             let nc = nc_max.min(cols.end - c0);
@@ -557,10 +572,7 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
                     let b_off = (panel * kp + pc) * b.nr;
                     debug_assert!(b_off + kc * b.nr <= b.panels * kp * b.nr);
                     for ir in (0..mc_pad).step_by(mr) {
-                        let a_off = match micro.a_format {
-                            AFormat::Bf16Rows => ir * kp + pc,
-                            _ => ir * kp + pc * mr,
-                        };
+                        let a_off = a_offset(micro.a_format, mr, kp, ir, pc);
                         let args = TileArgs {
                             kc,
                             // SAFETY: offsets inside the packed buffers (sizes above).
