@@ -364,6 +364,11 @@ pub fn plan(
         info.refiner = Some((name.clone(), f));
     }
     info.lora_hashes = sd_pipeline::prompt_loras::lora_hashes(&loras);
+    // The --embeddings-dir embeddings the prompts use (the model has them all).
+    let used = model
+        .embeddings
+        .used_by(&[req.prompt.as_str(), req.negative_prompt.as_str()]);
+    info.ti_hashes = sd_pipeline::ti_hashes(&used)?;
 
     let include_init = if mode == Mode::Img2Img && req.include_init_images {
         req.init_images.clone()

@@ -68,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sdapi/v1/png-info", post(png_info))
         .route("/sdapi/v1/refresh-checkpoints", post(empty))
         .route("/sdapi/v1/refresh-loras", post(empty))
+        .route("/sdapi/v1/refresh-embeddings", post(refresh_embeddings))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
@@ -285,31 +286,10 @@ async fn schedulers() -> Json<Value> {
     ]))
 }
 
-/// Sorted entries of `dir` passing `keep`.
-fn list_dir(dir: Option<&Path>, keep: impl Fn(&Path) -> bool) -> Vec<std::path::PathBuf> {
-    let Some(dir) = dir else { return Vec::new() };
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<_> = rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| keep(p))
-        .collect();
-    v.sort();
-    v
-}
-
 fn stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-fn has_ext(p: &Path, exts: &[&str]) -> bool {
-    p.is_file()
-        && p.extension()
-            .is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 async fn sd_models(State(s): Shared) -> Json<Value> {
@@ -357,20 +337,46 @@ async fn loras(State(s): Shared) -> Json<Value> {
     ))
 }
 
+/// AUTOMATIC1111's listing of an embedding: `shape` is the vector width (SDXL: clip_l's +
+/// clip_g's), `vectors` the number of vectors (SDXL: clip_g's); sd-rs reads safetensors files,
+/// which carry no `step` or checkpoint.
+fn embedding_entry(e: Option<&sd_pipeline::formats::EmbeddingFile>) -> Value {
+    let dims = |t: &Option<sd_pipeline::core::candle_core::Tensor>| {
+        t.as_ref().and_then(|t| t.dims2().ok())
+    };
+    let (vectors, shape) = match e {
+        Some(e) => match (dims(&e.single), dims(&e.clip_l), dims(&e.clip_g)) {
+            (Some((n, d)), _, _) => (json!(n), json!(d)),
+            (None, Some((_, dl)), Some((n, dg))) => (json!(n), json!(dl + dg)),
+            _ => (json!(0), Value::Null),
+        },
+        None => (json!(0), Value::Null),
+    };
+    json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": shape, "vectors": vectors})
+}
+
 async fn embeddings(State(s): Shared) -> Json<Value> {
-    let files = list_dir(s.config.embeddings_dir.as_deref(), |p| {
-        has_ext(p, &["safetensors", "pt", "bin"])
-    });
-    let skipped: Map<String, Value> = files
+    let model = s.models.current();
+    let found = &model.embeddings;
+    let loaded: Map<String, Value> = found
+        .loaded
         .iter()
-        .map(|p| {
-            (
-                stem(p),
-                json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": null, "vectors": 0}),
-            )
-        })
+        .map(|e| (e.token().to_owned(), embedding_entry(Some(e))))
         .collect();
-    Json(json!({"loaded": {}, "skipped": skipped}))
+    let skipped: Map<String, Value> = found
+        .skipped
+        .iter()
+        .map(|k| (k.name.clone(), embedding_entry(k.file.as_deref())))
+        .collect();
+    Json(json!({"loaded": loaded, "skipped": skipped}))
+}
+
+async fn refresh_embeddings(State(s): Shared) -> Result<Json<Value>, ApiError> {
+    let models = s.models.clone();
+    tokio::task::spawn_blocking(move || models.refresh_embeddings())
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the embeddings: {e}")))??;
+    Ok(Json(json!({})))
 }
 
 async fn get_options(State(s): Shared) -> Json<Value> {
