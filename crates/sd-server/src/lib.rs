@@ -24,6 +24,7 @@ pub mod api;
 mod error;
 mod models;
 pub mod plan;
+mod preview;
 pub mod queue;
 mod routes;
 mod worker;

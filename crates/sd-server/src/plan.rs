@@ -64,12 +64,16 @@ pub struct Plan {
 pub struct Options {
     /// `CLIP_stop_at_last_layers` (1 = last layer).
     pub clip_stop_at_last_layers: u32,
+    /// `show_progress_every_n_steps`: a new live preview every N steps (AUTOMATIC1111's
+    /// default 10); -1: after each image; 0: none.
+    pub show_progress_every_n_steps: i64,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             clip_stop_at_last_layers: 1,
+            show_progress_every_n_steps: 10,
         }
     }
 }

@@ -217,7 +217,29 @@ async fn img2img(
     generate(s, parse_body(body)?, Mode::Img2Img).await
 }
 
-async fn progress(State(s): Shared) -> Json<Value> {
+/// A boolean query parameter as FastAPI reads one (`true`/`false`, `1`/`0`, `yes`/`no`,
+/// `on`/`off`); absent or unreadable: `default`.
+fn query_flag(uri: &axum::http::Uri, name: &str, default: bool) -> bool {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => None,
+        })
+        .unwrap_or(default)
+}
+
+async fn progress(State(s): Shared, uri: axum::http::Uri) -> Json<Value> {
+    // A1111's ProgressRequest: skip_current_image defaults to false
+    let current_image = if query_flag(&uri, "skip_current_image", false) {
+        None
+    } else {
+        s.queue.preview(s.options().show_progress_every_n_steps)
+    };
     let (p, waiting, running) = s.queue.snapshot();
     let fraction = queue::fraction(&p);
     let eta = match p.started {
@@ -242,7 +264,7 @@ async fn progress(State(s): Shared) -> Json<Value> {
             "sampling_steps": p.sampling_steps,
             "queued": waiting,
         },
-        "current_image": null,
+        "current_image": current_image,
         "textinfo": null,
         "current_task": p.job.map(|id| format!("job {id}")),
     }))
@@ -387,6 +409,9 @@ async fn get_options(State(s): Shared) -> Json<Value> {
         "CLIP_stop_at_last_layers": o.clip_stop_at_last_layers,
         "samples_format": "png",
         "sd_vae": "Automatic",
+        "show_progress_every_n_steps": o.show_progress_every_n_steps,
+        "live_previews_enable": true,
+        "show_progress_type": "Approx cheap",
     }))
 }
 
@@ -407,6 +432,15 @@ async fn set_options(
                         ApiError::invalid(
                             k.clone(),
                             format!("{v}: expected an integer from 1 to 12"),
+                        )
+                    })?;
+            }
+            "show_progress_every_n_steps" => {
+                new.show_progress_every_n_steps =
+                    v.as_i64().filter(|&n| n >= -1).ok_or_else(|| {
+                        ApiError::invalid(
+                            k.clone(),
+                            format!("{v}: expected an integer, -1 (after each image) or more"),
                         )
                     })?;
             }

@@ -91,8 +91,11 @@ fn generate(model: &Model, job: Arc<Job>, queue: &Queue) -> Result<Value, ApiErr
         let j = job.clone();
         req.cancel = Cancel::new(move || j.stopping() || j.skipped.load(Ordering::Relaxed));
         let mut noise = TorchGenerator::new(seed);
+        let family = model.sd.family;
         let mut on_step = |s: sd_pipeline::StepInfo<'_>| {
             queue.set_step(i, s.step + 1, s.total);
+            // the live preview's source: AUTOMATIC1111 previews the denoised estimate
+            queue.store_latent(s.pred_original.unwrap_or(s.latents).clone(), family);
             if job.stopping() || job.skipped.load(Ordering::Relaxed) {
                 Flow::Stop
             } else {

@@ -779,3 +779,79 @@ fn embeddings_dir_embeddings_are_applied_listed_and_refreshed() {
     let (px2, _, _, _) = decode_png(v["images"][0].as_str().unwrap());
     assert_eq!(px2, px, "re-reading the folder changed the fox-style image");
 }
+
+#[test]
+fn progress_returns_live_previews_of_the_latent_size() {
+    let server = start(ServerConfig {
+        limits: small_limits(),
+        ..ServerConfig::default()
+    });
+    let url = server.url();
+    let (_, o) = get(&format!("{url}/sdapi/v1/options"));
+    assert_eq!(o["show_progress_every_n_steps"], 10, "A1111's default");
+    let (s, v, _) = post(
+        &format!("{url}/sdapi/v1/options"),
+        &json!({"show_progress_every_n_steps": -2}).to_string(),
+    );
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (422, Some("show_progress_every_n_steps")),
+        "{v}"
+    );
+    let (s, _, _) = post(
+        &format!("{url}/sdapi/v1/options"),
+        &json!({"show_progress_every_n_steps": 2}).to_string(),
+    );
+    assert_eq!(s, 200);
+    let progress = |query: &str| get(&format!("{url}/sdapi/v1/progress{query}")).1;
+    assert!(
+        progress("")
+            .get("current_image")
+            .is_some_and(Value::is_null),
+        "idle"
+    );
+
+    // 64x48 pixels: one preview pixel per latent (A1111's cheap approximation).
+    let job = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            post(
+                &format!("{url}/sdapi/v1/txt2img"),
+                &json!({"prompt": "a red circle", "steps": 1000, "seed": 1, "width": 64,
+                    "height": 48})
+                .to_string(),
+            )
+        }
+    });
+    let mut preview = None;
+    assert!(
+        wait_until(60, || {
+            preview = progress("?skip_current_image=false")["current_image"]
+                .as_str()
+                .map(str::to_owned);
+            preview.is_some()
+        }),
+        "no live preview during the run"
+    );
+    let p = progress("");
+    assert!(p["state"]["sampling_step"].as_u64().unwrap() >= 2, "{p}");
+    let (px, w, h, text) = decode_png(&preview.unwrap());
+    // the latent size: 64x48 / the VAE's factor (4 for the demo model, 8 for SD models)
+    let f = load().vae_scale_factor() as u32;
+    assert_eq!((w, h), (64 / f, 48 / f));
+    assert_eq!(px.len(), (w * h * 3) as usize);
+    assert!(text.is_empty(), "a preview has no parameters: {text}");
+    assert!(px.iter().any(|&b| b != px[0]), "a flat preview");
+    let skipped = progress("?skip_current_image=true");
+    assert!(skipped["current_image"].is_null(), "{skipped}");
+    assert!(skipped["state"]["sampling_step"].as_u64().unwrap() >= 2);
+    let (s, _, _) = post(&format!("{url}/sdapi/v1/interrupt"), "");
+    assert_eq!(s, 200);
+    let (status, v, _) = job.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        progress("")["current_image"].is_null(),
+        "a finished job has no preview"
+    );
+    server.shutdown();
+}
