@@ -2,7 +2,8 @@
 //!
 //! The HTTP side submits jobs and never waits on the worker except through the job's reply
 //! channel; the worker thread pops one job at a time. A job's flags (interrupt, skip, abandoned)
-//! are read by the step callback, so a job stops within one denoising step.
+//! are read by the run's `Cancel` (checked in the prompt encoding, before every step and in the
+//! VAE decode), so a job stops promptly in any phase.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
