@@ -81,7 +81,9 @@ pub struct Serve {
     /// <lora:NAME:TE_WEIGHT:UNET_WEIGHT> tag loads NAME.safetensors from it for that request.
     #[arg(long)]
     pub lora_dir: Option<PathBuf>,
-    /// Folder of textual-inversion embeddings, listed by /sdapi/v1/embeddings (not applied yet).
+    /// Folder of textual-inversion embeddings (AUTOMATIC1111's --embeddings-dir): each
+    /// .safetensors file that fits a model is added to it, triggered by its file stem; all are
+    /// listed by /sdapi/v1/embeddings (.pt/.bin pickles and other models' files as skipped).
     #[arg(long)]
     pub embeddings_dir: Option<PathBuf>,
     /// Weight precision.
@@ -185,6 +187,11 @@ pub struct Common {
     /// .safetensors files; .pt/.bin pickles are refused.
     #[arg(long = "embedding", value_name = "PATH[:TOKEN]")]
     pub embeddings: Vec<String>,
+    /// A folder of embeddings, as `sd serve --embeddings-dir` (AUTOMATIC1111's): every
+    /// .safetensors file that fits the model, triggered by its file stem; the others (pickles,
+    /// other models' widths) are skipped with a note.
+    #[arg(long, value_name = "DIR")]
+    pub embeddings_dir: Option<PathBuf>,
     /// With a single-file --model (and --refiner): a diffusers folder or hub id whose configs,
     /// tokenizers and scheduler config are used instead of the ones shipped for the detected
     /// family (as diffusers' from_single_file(..., config=...)); only config files are fetched.

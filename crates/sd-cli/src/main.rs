@@ -338,15 +338,27 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
             .with_loras_te_unet(&loras, &lora_opts)
             .context("applying the LoRAs")?;
     }
-    if !c.embeddings.is_empty() {
-        let embeddings = c
-            .embeddings
-            .iter()
-            .map(|spec| parse_embedding(spec))
-            .collect::<Result<Vec<_>>>()?;
+    let mut embeddings = c
+        .embeddings
+        .iter()
+        .map(|spec| parse_embedding(spec))
+        .collect::<Result<Vec<_>>>()?;
+    if !embeddings.is_empty() {
         sd = sd
             .with_embeddings(&embeddings)
             .context("adding the embeddings")?;
+    }
+    if let Some(dir) = &c.embeddings_dir {
+        let (with, found) = sd
+            .with_embeddings_dir(dir)
+            .with_context(|| format!("--embeddings-dir {}", dir.display()))?;
+        sd = with;
+        for s in &found.skipped {
+            log::warn!("--embeddings-dir: {} skipped: {}", s.name, s.reason);
+        }
+        // As AUTOMATIC1111, the infotext names the folder's embeddings the prompts use.
+        let negative = c.negative_prompt.as_deref().unwrap_or_default();
+        embeddings.extend(found.used_by(&[prompt.as_str(), negative]));
     }
     let scheduler = match (&c.scheduler, &c.schedule_type) {
         (Some(name), t) => Some(SchedulerKind::from_a1111(name, t.as_deref())?),
@@ -476,7 +488,7 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
     info.denoising_strength = img2img.map(|(_, strength)| strength);
     info.refiner = refiner_note;
     info.lora_hashes = lora_hashes(&tag_loras);
-    info.ti_hashes = ti_hashes(&c.embeddings)?;
+    info.ti_hashes = sd_pipeline::ti_hashes(&embeddings)?;
     if let ModelSource::File(p) = &model {
         info.model_hash = Some(sd_pipeline::prompt_loras::sha256_hex(p)?[..10].to_owned());
     }
@@ -491,21 +503,6 @@ fn generate(c: &Common, img2img: Option<(&PathBuf, f64)>) -> Result<()> {
         println!("{}", path.display());
     }
     Ok(())
-}
-
-/// A1111's `TI hashes` for the `--embedding` files: `token: first 12 hex of the sha256`.
-fn ti_hashes(specs: &[String]) -> Result<Option<String>> {
-    let mut v = Vec::new();
-    for spec in specs {
-        let path = match spec.rsplit_once(':') {
-            Some((p, _)) if !Path::new(spec).is_file() && !p.is_empty() => p,
-            _ => spec.as_str(),
-        };
-        let file = parse_embedding(spec)?;
-        let hash = sd_pipeline::prompt_loras::short_sha256(Path::new(path))?;
-        v.push(format!("{}: {hash}", file.token().replace([':', ','], "")));
-    }
-    Ok((!v.is_empty()).then(|| v.join(", ")))
 }
 
 /// `PATH[:WEIGHT]`: the weight is what follows the last `:` when it is a number.

@@ -124,6 +124,59 @@ fn serve_returns_the_png_txt2img_writes() {
     assert!(health.contains("\"ok\""), "{health}");
 }
 
+/// `--embeddings-dir`: the API image of a prompt with an embedding's trigger word is the PNG
+/// `sd txt2img --embedding FILE` writes (pixels and `TI hashes`), and `sd txt2img
+/// --embeddings-dir` gives it too.
+#[test]
+fn serve_embeddings_dir_equals_txt2img_embedding() {
+    let model = sd1();
+    let fixtures = root().join("tests/fixtures/embeddings");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["fox-style.safetensors", "xl-style.safetensors"] {
+        std::fs::copy(fixtures.join(f), dir.path().join(f)).unwrap();
+    }
+    let dir_s = dir.path().to_string_lossy().into_owned();
+    let (_server, url) = serve(&["--model", &model, "--embeddings-dir", &dir_s]);
+    let prompt = "a fox-style circle on a white background";
+    let body = serde_json::json!({
+        "prompt": prompt, "steps": 3, "seed": 7, "cfg_scale": 7.5, "sampler_name": "Euler a",
+        "width": 64, "height": 64,
+    });
+    let v = post_json(&format!("{url}/sdapi/v1/txt2img"), body);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(v["images"][0].as_str().unwrap())
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let fox = dir.path().join("fox-style.safetensors");
+    let fox = fox.to_string_lossy();
+    for (i, extra) in [["--embedding", &*fox], ["--embeddings-dir", &dir_s]]
+        .iter()
+        .enumerate()
+    {
+        let out = tmp.path().join(format!("{i}.png"));
+        let o = Command::new(env!("CARGO_BIN_EXE_sd"))
+            .args([
+                "txt2img", "--model", &model, "--prompt", prompt, "--steps", "3",
+            ])
+            .args(["--seed", "7", "--guidance", "7.5", "--sampler", "Euler a"])
+            .args(["--width", "64", "--height", "64"])
+            .args(extra)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let cli = std::fs::read(&out).unwrap();
+        let text = sd_pipeline::image::png_parameters(&cli).unwrap().unwrap();
+        assert!(text.contains("TI hashes: \"fox-style: "), "{text}");
+        assert!(
+            png == cli,
+            "the API's PNG differs from `sd txt2img {}`",
+            extra.join(" ")
+        );
+    }
+}
+
 fn fixture(name: &str) -> String {
     root()
         .join("tests/fixtures/models")

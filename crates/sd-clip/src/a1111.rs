@@ -14,7 +14,7 @@
 //! - Textual-inversion embeddings are not looked up (sd-rs does not load them yet).
 
 use candle_core::{DType, Tensor};
-use sd_core::{Error, Result};
+use sd_core::{Cancel, Error, Result};
 
 use crate::prompt::{Conditioning, PromptEncoder};
 use crate::prompt_syntax::parse_prompt_attention;
@@ -227,6 +227,17 @@ impl PromptEncoder {
         prompts: &[String],
         clip_skip: Option<usize>,
     ) -> Result<Conditioning> {
+        self.encode_a1111_with_cancel(prompts, clip_skip, &Cancel::never())
+    }
+
+    /// [`PromptEncoder::encode_a1111`], checking `cancel` before each text encoder runs on each
+    /// chunk (then [`sd_core::Error::Interrupted`]).
+    pub fn encode_a1111_with_cancel(
+        &self,
+        prompts: &[String],
+        clip_skip: Option<usize>,
+        cancel: &Cancel,
+    ) -> Result<Conditioning> {
         let stages = self.stages(prompts, None)?;
         let mut chunked = Vec::with_capacity(stages.len());
         for s in &stages {
@@ -257,6 +268,7 @@ impl PromptEncoder {
                     .collect();
                 let ids: Vec<Vec<u32>> = rows.iter().map(|r| r.ids.clone()).collect();
                 let ids = Tensor::new(ids, s.model.device())?;
+                cancel.check()?;
                 let (h, p) = self.select(s.model, &s.model.forward(&ids)?, clip_skip)?;
                 if c == 0 {
                     pooled = p.or(pooled);

@@ -68,6 +68,11 @@ pub enum Error {
         hint: String,
     },
 
+    /// The work was cancelled through a [`crate::Cancel`] (e.g. a server's `/interrupt`)
+    /// before it finished; nothing is wrong with the inputs.
+    #[error("interrupted")]
+    Interrupted,
+
     /// An error from the tensor library.
     #[error("tensor error: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used)]
 
+pub mod cancel;
 pub mod config;
 pub mod error;
 pub mod noise;
@@ -10,6 +11,7 @@ pub mod testing;
 pub mod transform;
 pub mod weights;
 
+pub use cancel::Cancel;
 pub use candle_core;
 pub use error::{Error, LoadReport, Result};
 pub use noise::{NoiseSource, RecordedNoise, TorchGenerator};

@@ -2,6 +2,7 @@
 //! the token(s) are added to the tokenizer and the vectors to the text encoder's token
 //! embedding; a multi-vector token stands for `tok tok_1 …` in prompts.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sd_clip::{ClipTextModel, ClipTokenizer, PromptEncoder};
@@ -29,6 +30,119 @@ impl StableDiffusion {
     pub fn embeddings(&self) -> &[Arc<EmbeddingFile>] {
         &self.embeddings
     }
+
+    /// The same model without its embeddings (e.g. to read an embeddings folder again).
+    pub fn without_embeddings(&self) -> StableDiffusion {
+        let mut out = self.clone();
+        out.text = self.text_plain.clone();
+        out.embeddings.clear();
+        out
+    }
+
+    /// The same model with every embedding of the folder `dir` that fits it, as AUTOMATIC1111
+    /// reads its `embeddings/` folder: each `.safetensors` file, triggered by its file stem. A
+    /// file that cannot be added (a pickled `.pt`/`.bin`, a width made for another model, a
+    /// stem the tokenizer already has, an unreadable file) is listed under `skipped` with the
+    /// reason, never an error; only an unreadable folder is.
+    pub fn with_embeddings_dir(&self, dir: &Path) -> Result<(StableDiffusion, EmbeddingsDir)> {
+        let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().is_some_and(|e| {
+                        EMBEDDING_EXTENSIONS
+                            .iter()
+                            .any(|x| e.eq_ignore_ascii_case(x))
+                    })
+            })
+            .collect();
+        files.sort();
+        let mut text = (*self.text).clone();
+        let mut found = EmbeddingsDir::default();
+        for path in files {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let skip = |file, reason: Error| SkippedEmbedding {
+                name: name.clone(),
+                path: path.clone(),
+                file,
+                reason: reason.to_string(),
+            };
+            let file = match EmbeddingFile::open(&path, None) {
+                Ok(f) => Arc::new(f),
+                Err(e) => {
+                    found.skipped.push(skip(None, e));
+                    continue;
+                }
+            };
+            // On a copy: a file that fails half-way (SDXL's second encoder) leaves no trace.
+            let mut with = text.clone();
+            match apply(&mut with, &file) {
+                Ok(()) => {
+                    text = with;
+                    found.loaded.push(file);
+                }
+                Err(e) => found.skipped.push(skip(Some(file), e)),
+            }
+        }
+        let mut out = self.clone();
+        out.text = Arc::new(text);
+        out.embeddings.extend(found.loaded.iter().cloned());
+        Ok((out, found))
+    }
+}
+
+/// The files [`StableDiffusion::with_embeddings_dir`] reads: safetensors, and the pickled
+/// formats AUTOMATIC1111 also reads (listed as skipped: sd-rs never unpickles).
+const EMBEDDING_EXTENSIONS: [&str; 3] = ["safetensors", "pt", "bin"];
+
+/// What [`StableDiffusion::with_embeddings_dir`] found in a folder (sorted by file name).
+#[derive(Debug, Clone, Default)]
+pub struct EmbeddingsDir {
+    /// The embeddings added to the model (trigger word: the file stem).
+    pub loaded: Vec<Arc<EmbeddingFile>>,
+    /// The files not added, and why.
+    pub skipped: Vec<SkippedEmbedding>,
+}
+
+impl EmbeddingsDir {
+    /// The loaded embeddings whose trigger word occurs in one of `texts` (a prompt and its
+    /// negative prompt): the tokenizer splits an added token out of any text that contains it.
+    pub fn used_by(&self, texts: &[&str]) -> Vec<Arc<EmbeddingFile>> {
+        self.loaded
+            .iter()
+            .filter(|e| texts.iter().any(|t| t.contains(e.token())))
+            .cloned()
+            .collect()
+    }
+}
+
+/// A file of an embeddings folder that was not added to the model.
+#[derive(Debug, Clone)]
+pub struct SkippedEmbedding {
+    /// The file stem (its trigger word).
+    pub name: String,
+    /// The file.
+    pub path: PathBuf,
+    /// The embedding, when the file could be read (e.g. made for another model).
+    pub file: Option<Arc<EmbeddingFile>>,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// A1111's `TI hashes` infotext value for `embeddings`: `token: first 12 hex of the file's
+/// sha256, ...` (`:` and `,` taken out of the tokens); `None` without embeddings.
+pub fn ti_hashes(embeddings: &[Arc<EmbeddingFile>]) -> Result<Option<String>> {
+    let mut v = Vec::new();
+    for e in embeddings {
+        let hash = crate::prompt_loras::short_sha256(e.path())?;
+        v.push(format!("{}: {hash}", e.token().replace([':', ','], "")));
+    }
+    Ok((!v.is_empty()).then(|| v.join(", ")))
 }
 
 /// Adds `e` to the text conditioning (also used to re-apply embeddings after a LoRA change).

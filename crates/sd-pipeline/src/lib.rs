@@ -36,6 +36,7 @@ pub mod request;
 mod single_file;
 pub mod watermark;
 
+pub use embedding::{ti_hashes, EmbeddingsDir, SkippedEmbedding};
 pub use ensemble::Ensemble;
 pub use infotext::Infotext;
 pub use infotext_parse::parse_infotext;

@@ -412,7 +412,9 @@ impl StableDiffusion {
                     let parts = self.encode_a1111(req, cfg, evaluations)?;
                     (parts, vec![0; req.prompts.len()])
                 } else {
+                    req.cancel.check()?;
                     let p = self.text.encode(&req.prompts, req.clip_skip)?;
+                    req.cancel.check()?;
                     let (neg, neg_pooled) = if cfg {
                         let (n, np) =
                             self.negatives(req, req.prompts.len(), &p.hidden, p.pooled.as_ref())?;
@@ -587,7 +589,9 @@ impl StableDiffusion {
                     .collect()
             })
             .collect();
-        let c = self.text.encode_a1111(&texts, req.clip_skip)?;
+        let c = self
+            .text
+            .encode_a1111_with_cancel(&texts, req.clip_skip, &req.cancel)?;
         let ends: std::collections::BTreeSet<usize> =
             rows.iter().flatten().map(|(end, _)| *end).collect();
         let mut parts = Vec::with_capacity(ends.len());
@@ -715,7 +719,11 @@ impl StableDiffusion {
         )?;
         let images = match req.output {
             OutputType::Latents => None,
-            OutputType::Image => Some(self.decode_output(&latents, req.watermark)?),
+            // cancelled while denoising: no image (a Flow::Stop still decodes the partial one)
+            OutputType::Image if interrupted && req.cancel.is_cancelled() => None,
+            OutputType::Image => {
+                Some(self.decode_output_with_cancel(&latents, req.watermark, &req.cancel)?)
+            }
         };
         Ok(Output {
             latents,
@@ -920,6 +928,9 @@ impl StableDiffusion {
         let total = steps.len();
         let first = steps.start;
         for (k, i) in steps.enumerate() {
+            if req.cancel.is_cancelled() {
+                return Ok((latents, true));
+            }
             let t = *scheduler.timesteps().get(i).ok_or_else(|| {
                 Error::invalid_argument(
                     "step index",
@@ -997,7 +1008,18 @@ impl StableDiffusion {
     ///
     /// # Shapes: latents [N, C, h, w] -> [N, 3, H, W] f32 in [0, 1].
     pub fn decode_output(&self, latents: &Tensor, watermark: bool) -> Result<Tensor> {
-        let image = self.vae.image_from_latents(latents)?;
+        self.decode_output_with_cancel(latents, watermark, &sd_core::Cancel::never())
+    }
+
+    /// [`StableDiffusion::decode_output`], stopped by `cancel` between the VAE decoder's blocks
+    /// and tiles with [`Error::Interrupted`] (no image).
+    pub fn decode_output_with_cancel(
+        &self,
+        latents: &Tensor,
+        watermark: bool,
+        cancel: &sd_core::Cancel,
+    ) -> Result<Tensor> {
+        let image = self.vae.image_from_latents_with_cancel(latents, cancel)?;
         if watermark && self.family != ModelFamily::Sd {
             sd_vae::image::denormalize(&crate::watermark::apply_watermark(&image)?)
         } else {

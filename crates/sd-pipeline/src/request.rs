@@ -142,6 +142,13 @@ pub struct GenerateRequest {
     /// Refuse the run before it starts when its estimated memory exceeds what the machine has
     /// available ([`crate::memory`]); on by default.
     pub memory_check: bool,
+    /// Stops the run from outside (a server's `/interrupt`): checked before each text encoder
+    /// runs on each prompt chunk, before each denoising step, and between the VAE decoder's
+    /// blocks and tiles. A cancel while denoising ends the run with the latents so far,
+    /// [`crate::Output::interrupted`] set and no images (unlike [`Flow::Stop`], which decodes
+    /// them); during the prompt encoding or the decode the run returns
+    /// [`sd_core::Error::Interrupted`]. Never by default.
+    pub cancel: sd_core::Cancel,
 }
 
 impl GenerateRequest {
@@ -167,6 +174,7 @@ impl GenerateRequest {
             output: OutputType::Image,
             watermark: true,
             memory_check: true,
+            cancel: sd_core::Cancel::never(),
         }
     }
 }

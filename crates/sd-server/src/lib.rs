@@ -24,6 +24,7 @@ pub mod api;
 mod error;
 mod models;
 pub mod plan;
+mod preview;
 pub mod queue;
 mod routes;
 mod worker;
@@ -40,7 +41,7 @@ pub use models::Models;
 pub use sd_pipeline::parse_infotext;
 
 /// A loaded model and its generation defaults.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Model {
     /// The pipeline.
     pub sd: StableDiffusion,
@@ -58,6 +59,8 @@ pub struct Model {
     /// An SDXL refiner (loaded with [`StableDiffusion::load_refiner`]) and its name, used when
     /// a request names it in `refiner_checkpoint`.
     pub refiner: Option<(StableDiffusion, String)>,
+    /// What [`Model::with_embeddings_dir`] found (empty without `--embeddings-dir`).
+    pub embeddings: sd_pipeline::EmbeddingsDir,
 }
 
 impl Model {
@@ -78,7 +81,35 @@ impl Model {
             default_cfg,
             scheduler,
             refiner: None,
+            embeddings: Default::default(),
         })
+    }
+
+    /// Adds the embeddings of `dir` that fit the model (AUTOMATIC1111's `--embeddings-dir`:
+    /// trigger word = file stem), replacing those read before; the others are listed as
+    /// skipped. See [`StableDiffusion::with_embeddings_dir`].
+    pub fn with_embeddings_dir(mut self, dir: &Path) -> Result<Self> {
+        let (sd, found) = self.sd.without_embeddings().with_embeddings_dir(dir)?;
+        if !found.loaded.is_empty() {
+            log::info!(
+                "{}: {} embedding(s) from {}: {}",
+                self.name,
+                found.loaded.len(),
+                dir.display(),
+                found
+                    .loaded
+                    .iter()
+                    .map(|e| e.token())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for s in &found.skipped {
+            log::info!("{}: embedding {} skipped: {}", self.name, s.name, s.reason);
+        }
+        self.sd = sd;
+        self.embeddings = found;
+        Ok(self)
     }
 
     /// Adds an SDXL refiner (the base + refiner ensemble), named `name` in requests and
@@ -161,7 +192,9 @@ pub struct ServerConfig {
     pub load_options: LoadOptions,
     /// Folder of LoRA files, listed by `/loras` and loaded by the prompts' `<lora:NAME:W>` tags.
     pub lora_dir: Option<PathBuf>,
-    /// Folder of textual-inversion embeddings, listed by `/embeddings`.
+    /// Folder of textual-inversion embeddings: those that fit a model are added to it when it
+    /// loads (trigger word: the file stem), all are listed by `/embeddings`, and
+    /// `/refresh-embeddings` reads the folder again.
     pub embeddings_dir: Option<PathBuf>,
     /// SDXL's invisible watermark on SDXL images (on, as the `sd` command and diffusers;
     /// AUTOMATIC1111 never marks: `false` gives its images). See docs/watermark.md.
@@ -221,10 +254,15 @@ impl Server {
             let _guard = runtime.enter();
             tokio::net::TcpListener::from_std(listener).map_err(bind_err)?
         };
+        let model = match &config.embeddings_dir {
+            Some(dir) => model.with_embeddings_dir(dir)?,
+            None => model,
+        };
         let models = Arc::new(Models::new(
             model,
             config.models_dir.clone(),
             config.load_options.clone(),
+            config.embeddings_dir.clone(),
         ));
         let queue = Arc::new(queue::Queue::new(config.queue));
         let worker = {

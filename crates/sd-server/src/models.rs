@@ -25,6 +25,7 @@ pub struct Models {
     loading: Mutex<()>,
     dir: Option<PathBuf>,
     opts: LoadOptions,
+    embeddings_dir: Option<PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -41,8 +42,14 @@ fn strip_hash(name: &str) -> &str {
 }
 
 impl Models {
-    /// The server's models: `first` current, others from `dir` loaded with `opts` on demand.
-    pub fn new(first: Model, dir: Option<PathBuf>, opts: LoadOptions) -> Self {
+    /// The server's models: `first` current, others from `dir` loaded with `opts` on demand,
+    /// each with the embeddings of `embeddings_dir` that fit it (`first` already has them).
+    pub fn new(
+        first: Model,
+        dir: Option<PathBuf>,
+        opts: LoadOptions,
+        embeddings_dir: Option<PathBuf>,
+    ) -> Self {
         let first = Arc::new(first);
         let mut loaded = HashMap::new();
         loaded.insert(first.path.clone(), first.clone());
@@ -52,7 +59,30 @@ impl Models {
             loading: Mutex::new(()),
             dir,
             opts,
+            embeddings_dir,
         }
+    }
+
+    /// Reads the embeddings folder again for every loaded model (`/refresh-embeddings`); jobs
+    /// already queued keep the model they were planned with. Blocking: call it off the async
+    /// threads.
+    pub fn refresh_embeddings(&self) -> Result<(), ApiError> {
+        let Some(dir) = &self.embeddings_dir else {
+            return Ok(());
+        };
+        let _one_at_a_time = lock(&self.loading);
+        let old: Vec<Arc<Model>> = lock(&self.loaded).values().cloned().collect();
+        let mut new = HashMap::new();
+        for m in old {
+            let fresh = Arc::new((*m).clone().with_embeddings_dir(dir)?);
+            new.insert(m.path.clone(), fresh);
+        }
+        let mut current = lock(&self.current);
+        if let Some(m) = new.get(&current.path) {
+            *current = m.clone();
+        }
+        *lock(&self.loaded) = new;
+        Ok(())
     }
 
     /// The model requests use without `sd_model_checkpoint`.
@@ -134,7 +164,11 @@ impl Models {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let model = Arc::new(Model::new(sd, title, &path, A1111_STEPS, A1111_CFG)?);
+        let mut model = Model::new(sd, title, &path, A1111_STEPS, A1111_CFG)?;
+        if let Some(dir) = &self.embeddings_dir {
+            model = model.with_embeddings_dir(dir)?;
+        }
+        let model = Arc::new(model);
         lock(&self.loaded).insert(path, model.clone());
         Ok(model)
     }

@@ -64,12 +64,16 @@ pub struct Plan {
 pub struct Options {
     /// `CLIP_stop_at_last_layers` (1 = last layer).
     pub clip_stop_at_last_layers: u32,
+    /// `show_progress_every_n_steps`: a new live preview every N steps (AUTOMATIC1111's
+    /// default 10); -1: after each image; 0: none.
+    pub show_progress_every_n_steps: i64,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             clip_stop_at_last_layers: 1,
+            show_progress_every_n_steps: 10,
         }
     }
 }
@@ -364,6 +368,11 @@ pub fn plan(
         info.refiner = Some((name.clone(), f));
     }
     info.lora_hashes = sd_pipeline::prompt_loras::lora_hashes(&loras);
+    // The --embeddings-dir embeddings the prompts use (the model has them all).
+    let used = model
+        .embeddings
+        .used_by(&[req.prompt.as_str(), req.negative_prompt.as_str()]);
+    info.ti_hashes = sd_pipeline::ti_hashes(&used)?;
 
     let include_init = if mode == Mode::Img2Img && req.include_init_images {
         req.init_images.clone()

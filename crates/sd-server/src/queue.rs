@@ -2,7 +2,8 @@
 //!
 //! The HTTP side submits jobs and never waits on the worker except through the job's reply
 //! channel; the worker thread pops one job at a time. A job's flags (interrupt, skip, abandoned)
-//! are read by the step callback, so a job stops within one denoising step.
+//! are read by the run's `Cancel` (checked in the prompt encoding, before every step and in the
+//! VAE decode), so a job stops promptly in any phase.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,6 +11,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::http::StatusCode;
+use base64::Engine;
+use sd_pipeline::core::candle_core::Tensor;
+use sd_pipeline::ModelFamily;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -71,6 +75,16 @@ pub struct Progress {
     pub interrupted: bool,
     /// `/skip` was called on the running image.
     pub skipped: bool,
+    /// The running image's latest latents (the scheduler's x0 estimate when it forms one, as
+    /// AUTOMATIC1111 previews the denoised latents) and its model family: kept (an `Arc`, no
+    /// copy) so that a preview is made only when `/progress` asks for one.
+    pub latent: Option<(Tensor, ModelFamily)>,
+    /// The previous image's last latents (`show_progress_every_n_steps` = -1 previews them).
+    pub finished_latent: Option<(Tensor, ModelFamily)>,
+    /// The live preview (base64 PNG), kept for the job, and the step it was made at.
+    pub preview: Option<String>,
+    /// `sampling_step` when `preview` was made (0 at each image's start).
+    pub preview_step: usize,
 }
 
 #[derive(Debug, Default)]
@@ -216,9 +230,50 @@ impl Queue {
     /// Records the current image and step of the running job.
     pub fn set_step(&self, job_no: usize, step: usize, steps: usize) {
         let mut inner = lock(&self.inner);
+        let p = &mut inner.progress;
+        if job_no != p.job_no {
+            // a new image (AUTOMATIC1111's nextjob): its preview period starts again
+            p.finished_latent = p.latent.take();
+            p.preview_step = 0;
+        }
         inner.progress.job_no = job_no;
         inner.progress.sampling_step = step;
         inner.progress.sampling_steps = steps;
+    }
+
+    /// Keeps `latent` (of a `family` model) for the live preview.
+    pub fn store_latent(&self, latent: Tensor, family: ModelFamily) {
+        lock(&self.inner).progress.latent = Some((latent, family));
+    }
+
+    /// `/progress`'s `current_image`: AUTOMATIC1111's `set_current_image`. With `every_n` > 0 a
+    /// new preview is made from the latest latents once `every_n` steps passed since the last
+    /// one; with -1 from the last latents of each finished image; 0 makes none. `None` when
+    /// idle or before the first preview.
+    pub fn preview(&self, every_n: i64) -> Option<String> {
+        let mut inner = lock(&self.inner);
+        inner.running.as_ref()?;
+        let p = &mut inner.progress;
+        let source = match every_n {
+            -1 => p.finished_latent.take(),
+            n if n > 0 && (p.sampling_step.saturating_sub(p.preview_step)) as i64 >= n => {
+                p.latent.clone()
+            }
+            _ => None,
+        };
+        if let Some((latent, family)) = source {
+            // A few microseconds for a 64x64 latent: made under the lock, on the HTTP side.
+            match crate::preview::cheap_approximation(&latent, family)
+                .and_then(|img| sd_pipeline::image::encode_png(&img, None))
+            {
+                Ok(png) => {
+                    p.preview = Some(base64::engine::general_purpose::STANDARD.encode(png));
+                    p.preview_step = p.sampling_step;
+                }
+                Err(e) => log::warn!("live preview: {e}"),
+            }
+        }
+        p.preview.clone()
     }
 
     /// `/interrupt`: stops the running job (if any).

@@ -68,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sdapi/v1/png-info", post(png_info))
         .route("/sdapi/v1/refresh-checkpoints", post(empty))
         .route("/sdapi/v1/refresh-loras", post(empty))
+        .route("/sdapi/v1/refresh-embeddings", post(refresh_embeddings))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(health))
@@ -216,7 +217,29 @@ async fn img2img(
     generate(s, parse_body(body)?, Mode::Img2Img).await
 }
 
-async fn progress(State(s): Shared) -> Json<Value> {
+/// A boolean query parameter as FastAPI reads one (`true`/`false`, `1`/`0`, `yes`/`no`,
+/// `on`/`off`); absent or unreadable: `default`.
+fn query_flag(uri: &axum::http::Uri, name: &str, default: bool) -> bool {
+    uri.query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| match v.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => None,
+        })
+        .unwrap_or(default)
+}
+
+async fn progress(State(s): Shared, uri: axum::http::Uri) -> Json<Value> {
+    // A1111's ProgressRequest: skip_current_image defaults to false
+    let current_image = if query_flag(&uri, "skip_current_image", false) {
+        None
+    } else {
+        s.queue.preview(s.options().show_progress_every_n_steps)
+    };
     let (p, waiting, running) = s.queue.snapshot();
     let fraction = queue::fraction(&p);
     let eta = match p.started {
@@ -241,7 +264,7 @@ async fn progress(State(s): Shared) -> Json<Value> {
             "sampling_steps": p.sampling_steps,
             "queued": waiting,
         },
-        "current_image": null,
+        "current_image": current_image,
         "textinfo": null,
         "current_task": p.job.map(|id| format!("job {id}")),
     }))
@@ -285,31 +308,10 @@ async fn schedulers() -> Json<Value> {
     ]))
 }
 
-/// Sorted entries of `dir` passing `keep`.
-fn list_dir(dir: Option<&Path>, keep: impl Fn(&Path) -> bool) -> Vec<std::path::PathBuf> {
-    let Some(dir) = dir else { return Vec::new() };
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<_> = rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| keep(p))
-        .collect();
-    v.sort();
-    v
-}
-
 fn stem(p: &Path) -> String {
     p.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-fn has_ext(p: &Path, exts: &[&str]) -> bool {
-    p.is_file()
-        && p.extension()
-            .is_some_and(|e| exts.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 async fn sd_models(State(s): Shared) -> Json<Value> {
@@ -357,20 +359,46 @@ async fn loras(State(s): Shared) -> Json<Value> {
     ))
 }
 
+/// AUTOMATIC1111's listing of an embedding: `shape` is the vector width (SDXL: clip_l's +
+/// clip_g's), `vectors` the number of vectors (SDXL: clip_g's); sd-rs reads safetensors files,
+/// which carry no `step` or checkpoint.
+fn embedding_entry(e: Option<&sd_pipeline::formats::EmbeddingFile>) -> Value {
+    let dims = |t: &Option<sd_pipeline::core::candle_core::Tensor>| {
+        t.as_ref().and_then(|t| t.dims2().ok())
+    };
+    let (vectors, shape) = match e {
+        Some(e) => match (dims(&e.single), dims(&e.clip_l), dims(&e.clip_g)) {
+            (Some((n, d)), _, _) => (json!(n), json!(d)),
+            (None, Some((_, dl)), Some((n, dg))) => (json!(n), json!(dl + dg)),
+            _ => (json!(0), Value::Null),
+        },
+        None => (json!(0), Value::Null),
+    };
+    json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": shape, "vectors": vectors})
+}
+
 async fn embeddings(State(s): Shared) -> Json<Value> {
-    let files = list_dir(s.config.embeddings_dir.as_deref(), |p| {
-        has_ext(p, &["safetensors", "pt", "bin"])
-    });
-    let skipped: Map<String, Value> = files
+    let model = s.models.current();
+    let found = &model.embeddings;
+    let loaded: Map<String, Value> = found
+        .loaded
         .iter()
-        .map(|p| {
-            (
-                stem(p),
-                json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": null, "vectors": 0}),
-            )
-        })
+        .map(|e| (e.token().to_owned(), embedding_entry(Some(e))))
         .collect();
-    Json(json!({"loaded": {}, "skipped": skipped}))
+    let skipped: Map<String, Value> = found
+        .skipped
+        .iter()
+        .map(|k| (k.name.clone(), embedding_entry(k.file.as_deref())))
+        .collect();
+    Json(json!({"loaded": loaded, "skipped": skipped}))
+}
+
+async fn refresh_embeddings(State(s): Shared) -> Result<Json<Value>, ApiError> {
+    let models = s.models.clone();
+    tokio::task::spawn_blocking(move || models.refresh_embeddings())
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the embeddings: {e}")))??;
+    Ok(Json(json!({})))
 }
 
 async fn get_options(State(s): Shared) -> Json<Value> {
@@ -381,6 +409,9 @@ async fn get_options(State(s): Shared) -> Json<Value> {
         "CLIP_stop_at_last_layers": o.clip_stop_at_last_layers,
         "samples_format": "png",
         "sd_vae": "Automatic",
+        "show_progress_every_n_steps": o.show_progress_every_n_steps,
+        "live_previews_enable": true,
+        "show_progress_type": "Approx cheap",
     }))
 }
 
@@ -401,6 +432,15 @@ async fn set_options(
                         ApiError::invalid(
                             k.clone(),
                             format!("{v}: expected an integer from 1 to 12"),
+                        )
+                    })?;
+            }
+            "show_progress_every_n_steps" => {
+                new.show_progress_every_n_steps =
+                    v.as_i64().filter(|&n| n >= -1).ok_or_else(|| {
+                        ApiError::invalid(
+                            k.clone(),
+                            format!("{v}: expected an integer, -1 (after each image) or more"),
                         )
                     })?;
             }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use base64::Engine;
-use sd_pipeline::core::TorchGenerator;
+use sd_pipeline::core::{Cancel, Error, TorchGenerator};
 use sd_pipeline::{Flow, Init};
 use serde_json::{json, Value};
 
@@ -22,7 +22,7 @@ pub fn run(queue: Arc<Queue>) {
             Err(ApiError::internal("abandoned"))
         } else {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                generate(&job.plan.model, &job, &queue)
+                generate(&job.plan.model, job.clone(), &queue)
             }))
             .unwrap_or_else(|p| {
                 let what = p
@@ -45,7 +45,7 @@ pub fn run(queue: Arc<Queue>) {
 }
 
 /// One job: its images one after another, then the A1111 response.
-fn generate(model: &Model, job: &Job, queue: &Queue) -> Result<Value, ApiError> {
+fn generate(model: &Model, job: Arc<Job>, queue: &Queue) -> Result<Value, ApiError> {
     let plan = &job.plan;
     // The prompt's <lora:...> tags: the model with them, for this job only.
     let with_loras;
@@ -87,30 +87,43 @@ fn generate(model: &Model, job: &Job, queue: &Queue) -> Result<Value, ApiError> 
                 strength: plan.strength,
             };
         }
+        // /interrupt and /skip reach the prompt encoding, every step and the VAE decode.
+        let j = job.clone();
+        req.cancel = Cancel::new(move || j.stopping() || j.skipped.load(Ordering::Relaxed));
         let mut noise = TorchGenerator::new(seed);
+        let family = model.sd.family;
         let mut on_step = |s: sd_pipeline::StepInfo<'_>| {
             queue.set_step(i, s.step + 1, s.total);
+            // the live preview's source: AUTOMATIC1111 previews the denoised estimate
+            queue.store_latent(s.pred_original.unwrap_or(s.latents).clone(), family);
             if job.stopping() || job.skipped.load(Ordering::Relaxed) {
                 Flow::Stop
             } else {
                 Flow::Continue
             }
         };
-        let out =
-            match (plan.refiner_switch_at, &model.refiner) {
-                (Some(f), Some((refiner, _))) => sd_pipeline::Ensemble::new(sd, refiner, f)?
-                    .generate(&req, &mut noise, &mut on_step)?,
-                _ => sd.generate(&req, &mut noise, &mut on_step)?,
-            };
+        let out = match (plan.refiner_switch_at, &model.refiner) {
+            (Some(f), Some((refiner, _))) => sd_pipeline::Ensemble::new(sd, refiner, f)
+                .and_then(|e| e.generate(&req, &mut noise, &mut on_step)),
+            _ => sd.generate(&req, &mut noise, &mut on_step),
+        };
+        // the server's watermark setting (ServerConfig::watermark) is in the request
+        let decoded = out.and_then(|out| {
+            if out.interrupted {
+                return Err(Error::Interrupted);
+            }
+            model
+                .sd
+                .decode_output_with_cancel(&out.latents, req.watermark, &req.cancel)
+        });
         if job.stopping() {
             break;
         }
-        if out.interrupted {
-            // skipped: on to the next image
-            continue;
-        }
-        // the server's watermark setting (ServerConfig::watermark) is in the request
-        let decoded = model.sd.decode_output(&out.latents, req.watermark)?;
+        let decoded = match decoded {
+            // skipped (in the prompt encoding, a step or the decode): on to the next image
+            Err(Error::Interrupted) => continue,
+            r => r?,
+        };
         let rgb = sd_pipeline::image::to_rgb8(&decoded)?;
         let img = rgb
             .first()

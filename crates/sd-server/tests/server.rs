@@ -639,3 +639,219 @@ fn prompt_lora_tags_load_from_the_lora_dir() {
     let msg = v.to_string();
     assert!(msg.contains("prompt") && msg.contains("sd1_kohya"), "{msg}");
 }
+
+/// A safetensors file of f32 tensors `(name, shape)` filled with `0.1 * (i + 1)`.
+fn write_safetensors(path: &std::path::Path, tensors: &[(&str, &[usize])]) {
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    for (name, shape) in tensors {
+        let n: usize = shape.iter().product();
+        let start = data.len();
+        for i in 0..n {
+            data.extend((0.1f32 * (i as f32 + 1.0)).to_le_bytes());
+        }
+        header.insert(
+            (*name).to_owned(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let header = serde_json::to_vec(&Value::Object(header)).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header);
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn embeddings_dir_embeddings_are_applied_listed_and_refreshed() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["fox-style", "xl-style"] {
+        let name = format!("{f}.safetensors");
+        std::fs::copy(
+            fixtures.join("embeddings").join(&name),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    // 16-wide: made for another model than the fixture SD 1.x (8-wide text encoder)
+    write_safetensors(
+        &dir.path().join("wide.safetensors"),
+        &[("emb_params", &[3, 16])],
+    );
+    std::fs::write(dir.path().join("bad-hands.pt"), b"\x80\x02pickle").unwrap();
+    let sd1_dir = fixtures.join("models/sd1");
+    let sd1 = StableDiffusion::load(&sd1_dir, &LoadOptions::default()).unwrap();
+    let model = Model::new(sd1.clone(), "sd1", &sd1_dir, 20, 7.0).unwrap();
+    let server = Server::start(
+        model,
+        ServerConfig {
+            port: 0,
+            embeddings_dir: Some(dir.path().to_path_buf()),
+            ..ServerConfig::default()
+        },
+    )
+    .unwrap();
+    let url = server.url();
+
+    let (s, list) = get(&format!("{url}/sdapi/v1/embeddings"));
+    assert_eq!(s, 200, "{list}");
+    let entry = |shape: Value, vectors: usize| {
+        json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null,
+            "shape": shape, "vectors": vectors})
+    };
+    assert_eq!(
+        list,
+        json!({
+            "loaded": {"fox-style": entry(json!(8), 2)},
+            "skipped": {
+                // SDXL: clip_l's width + clip_g's (8 + 12), clip_g's vectors, as A1111 lists it
+                "xl-style": entry(json!(20), 2),
+                "wide": entry(json!(16), 3),
+                "bad-hands": entry(Value::Null, 0),
+            }
+        })
+    );
+
+    // The trigger word in the prompt: the library's image with the same file added.
+    let body = |prompt: &str| {
+        json!({"prompt": prompt, "steps": 3, "seed": 7, "cfg_scale": 7, "width": 32,
+            "height": 32})
+        .to_string()
+    };
+    let prompt = "a fox-style circle";
+    let (s, v, _) = post(&format!("{url}/sdapi/v1/txt2img"), &body(prompt));
+    assert_eq!(s, 200, "{v}");
+    let (px, _, _, text) = decode_png(v["images"][0].as_str().unwrap());
+    let fox_hash =
+        sd_pipeline::prompt_loras::short_sha256(&dir.path().join("fox-style.safetensors")).unwrap();
+    assert!(
+        text.contains(&format!(
+            ", TI hashes: \"fox-style: {fox_hash}\", Version: sd-rs "
+        )),
+        "{text}"
+    );
+    let fox = sd_pipeline::formats::EmbeddingFile::open(
+        &fixtures.join("embeddings/fox-style.safetensors"),
+        None,
+    )
+    .unwrap();
+    let with = sd1.with_embeddings(&[Arc::new(fox)]).unwrap();
+    let mut req = GenerateRequest::new(prompt);
+    req.prompt_syntax = PromptSyntax::A1111;
+    req.steps = 3;
+    req.guidance_scale = 7.0;
+    req.width = Some(32);
+    req.height = Some(32);
+    let lib = |sd: &StableDiffusion| {
+        let out = sd
+            .generate(&req, &mut TorchGenerator::new(7), &mut |_| Flow::Continue)
+            .unwrap();
+        sd_pipeline::image::to_rgb8(&out.images.unwrap()).unwrap()[0]
+            .clone()
+            .into_raw()
+    };
+    assert_eq!(
+        px,
+        lib(&with),
+        "the API image differs from the library's with the file"
+    );
+    assert_ne!(px, lib(&sd1), "the embedding changed nothing");
+    // a prompt without the word: no TI hashes
+    let (s, v, _) = post(&format!("{url}/sdapi/v1/txt2img"), &body("a red circle"));
+    assert_eq!(s, 200, "{v}");
+    let (_, _, _, text) = decode_png(v["images"][0].as_str().unwrap());
+    assert!(!text.contains("TI hashes"), "{text}");
+
+    // A new file is picked up by /refresh-embeddings.
+    write_safetensors(
+        &dir.path().join("new-style.safetensors"),
+        &[("emb_params", &[8])],
+    );
+    let (s, v, _) = post(&format!("{url}/sdapi/v1/refresh-embeddings"), "");
+    assert_eq!(s, 200, "{v}");
+    let (_, list) = get(&format!("{url}/sdapi/v1/embeddings"));
+    assert_eq!(list["loaded"]["new-style"], entry(json!(8), 1), "{list}");
+    assert_eq!(list["loaded"]["fox-style"], entry(json!(8), 2), "{list}");
+    assert_eq!(list["skipped"].as_object().unwrap().len(), 3, "{list}");
+    let (s, v, _) = post(&format!("{url}/sdapi/v1/txt2img"), &body(prompt));
+    assert_eq!(s, 200, "{v}");
+    let (px2, _, _, _) = decode_png(v["images"][0].as_str().unwrap());
+    assert_eq!(px2, px, "re-reading the folder changed the fox-style image");
+}
+
+#[test]
+fn progress_returns_live_previews_of_the_latent_size() {
+    let server = start(ServerConfig {
+        limits: small_limits(),
+        ..ServerConfig::default()
+    });
+    let url = server.url();
+    let (_, o) = get(&format!("{url}/sdapi/v1/options"));
+    assert_eq!(o["show_progress_every_n_steps"], 10, "A1111's default");
+    let (s, v, _) = post(
+        &format!("{url}/sdapi/v1/options"),
+        &json!({"show_progress_every_n_steps": -2}).to_string(),
+    );
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (422, Some("show_progress_every_n_steps")),
+        "{v}"
+    );
+    let (s, _, _) = post(
+        &format!("{url}/sdapi/v1/options"),
+        &json!({"show_progress_every_n_steps": 2}).to_string(),
+    );
+    assert_eq!(s, 200);
+    let progress = |query: &str| get(&format!("{url}/sdapi/v1/progress{query}")).1;
+    assert!(
+        progress("")
+            .get("current_image")
+            .is_some_and(Value::is_null),
+        "idle"
+    );
+
+    // 64x48 pixels: one preview pixel per latent (A1111's cheap approximation).
+    let job = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            post(
+                &format!("{url}/sdapi/v1/txt2img"),
+                &json!({"prompt": "a red circle", "steps": 1000, "seed": 1, "width": 64,
+                    "height": 48})
+                .to_string(),
+            )
+        }
+    });
+    let mut preview = None;
+    assert!(
+        wait_until(60, || {
+            preview = progress("?skip_current_image=false")["current_image"]
+                .as_str()
+                .map(str::to_owned);
+            preview.is_some()
+        }),
+        "no live preview during the run"
+    );
+    let p = progress("");
+    assert!(p["state"]["sampling_step"].as_u64().unwrap() >= 2, "{p}");
+    let (px, w, h, text) = decode_png(&preview.unwrap());
+    // the latent size: 64x48 / the VAE's factor (4 for the demo model, 8 for SD models)
+    let f = load().vae_scale_factor() as u32;
+    assert_eq!((w, h), (64 / f, 48 / f));
+    assert_eq!(px.len(), (w * h * 3) as usize);
+    assert!(text.is_empty(), "a preview has no parameters: {text}");
+    assert!(px.iter().any(|&b| b != px[0]), "a flat preview");
+    let skipped = progress("?skip_current_image=true");
+    assert!(skipped["current_image"].is_null(), "{skipped}");
+    assert!(skipped["state"]["sampling_step"].as_u64().unwrap() >= 2);
+    let (s, _, _) = post(&format!("{url}/sdapi/v1/interrupt"), "");
+    assert_eq!(s, 200);
+    let (status, v, _) = job.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        progress("")["current_image"].is_null(),
+        "a finished job has no preview"
+    );
+    server.shutdown();
+}

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use sd_core::{component_var_builder, Error, LoadOptions, NoiseSource, Result, VarBuilder};
+use sd_core::{component_var_builder, Cancel, Error, LoadOptions, NoiseSource, Result, VarBuilder};
 use sd_nn::Conv2d;
 
 use crate::config::{LatentNormalization, VaeConfig};
@@ -198,13 +198,19 @@ impl AutoencoderKL {
     ///
     /// # Shapes: z [B, latent_channels, h, w] -> image [B, out_channels, 8h, 8w].
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_with_cancel(z, &Cancel::never())
+    }
+
+    /// [`AutoencoderKL::decode`], checking `cancel` before each tile and between the decoder's
+    /// blocks: a cancelled decode returns [`Error::Interrupted`] (no partial image).
+    pub fn decode_with_cancel(&self, z: &Tensor, cancel: &Cancel) -> Result<Tensor> {
         let (h, w) = self.check_latents(z)?;
         let z = z.to_device(&self.device)?.to_dtype(self.dtype)?;
         let f = self.scale_factor();
         let tiles = self.tiling.tiles_for(h * f, w * f, h, w, |t| t.latent_size);
         match tiles {
-            Some(t) => tiled_decode(&z, &t, |tile| self.decode_untiled(tile)),
-            None => self.decode_untiled(&z),
+            Some(t) => tiled_decode(&z, &t, |tile| self.decode_untiled(tile, cancel)),
+            None => self.decode_untiled(&z, cancel),
         }
     }
 
@@ -221,13 +227,14 @@ impl AutoencoderKL {
     }
 
     /// `post_quant_conv` and the decoder, channels last inside (converted once each way).
-    fn decode_untiled(&self, z: &Tensor) -> Result<Tensor> {
+    fn decode_untiled(&self, z: &Tensor, cancel: &Cancel) -> Result<Tensor> {
+        cancel.check()?;
         let z = z.permute((0, 2, 3, 1))?.contiguous()?;
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(&z)?,
             None => z,
         };
-        let image = self.decoder.forward(&z)?;
+        let image = self.decoder.forward_with_cancel(&z, cancel)?;
         Ok(image.permute((0, 3, 1, 2))?.contiguous()?)
     }
 
@@ -267,8 +274,17 @@ impl AutoencoderKL {
     ///
     /// # Shapes: latents [B, latent_channels, h, w] -> image [B, 3, 8h, 8w] in ~[-1, 1], f32.
     pub fn image_from_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        self.image_from_latents_with_cancel(latents, &Cancel::never())
+    }
+
+    /// [`AutoencoderKL::image_from_latents`] with [`AutoencoderKL::decode_with_cancel`].
+    pub fn image_from_latents_with_cancel(
+        &self,
+        latents: &Tensor,
+        cancel: &Cancel,
+    ) -> Result<Tensor> {
         let z = self.unscale_latents(latents)?;
-        let image = self.decode(&z)?.to_dtype(DType::F32)?;
+        let image = self.decode_with_cancel(&z, cancel)?.to_dtype(DType::F32)?;
         let bad = count_non_finite(&image)?;
         if bad > 0 {
             return Err(self.non_finite("the decoded image", bad));

@@ -2,7 +2,7 @@
 //! latents (after `post_quant_conv`) -> image.
 
 use candle_core::Tensor;
-use sd_core::{Result, VarBuilder};
+use sd_core::{Cancel, Result, VarBuilder};
 use sd_nn::{Conv2d, GroupNorm};
 
 use crate::blocks::{MidBlock2D, UpDecoderBlock2D, VAE_NORM_EPS};
@@ -55,9 +55,17 @@ impl Decoder {
 
     /// Channels last. # Shapes: z [B, h, w, latent_channels] -> image [B, h·f, w·f, out_channels].
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.forward_with_cancel(z, &Cancel::never())
+    }
+
+    /// [`Decoder::forward`], checking `cancel` before the mid block and each up block (then
+    /// [`sd_core::Error::Interrupted`]).
+    pub fn forward_with_cancel(&self, z: &Tensor, cancel: &Cancel) -> Result<Tensor> {
         let h = self.conv_in.forward(z)?;
+        cancel.check()?;
         let mut h = self.mid_block.forward(&h)?;
         for b in &self.up_blocks {
+            cancel.check()?;
             h = b.forward(&h)?;
         }
         let h = self.conv_norm_out.forward_silu(&h)?;
