@@ -620,13 +620,11 @@ fn probabilities(
     };
     match g.layout {
         BLayout::F32 | BLayout::Bf16 => {
-            // One panel per column block (b_nr == nr): rows are contiguous.
+            // One panel per column block (b_nr == nr): the rows are contiguous.
             let panel = &mut pt[cb * g.kp_keys * w..][..g.kp_keys * w];
-            for (key, dst) in panel.chunks_exact_mut(w).enumerate() {
-                for (d, x) in dst.iter_mut().zip(row(key)) {
-                    *d = half::bf16::from_bits(convert::round_bits(*x));
-                }
-            }
+            let (live, pad) = panel.split_at_mut(g.kv_len * w);
+            convert::f32_to_bf16(s, live);
+            pad.fill(half::bf16::ZERO);
         }
         BLayout::Bf16Pairs => {
             let b_nr = g.b_nr;
