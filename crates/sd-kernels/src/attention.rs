@@ -451,7 +451,7 @@ unsafe fn query_block<T: Element>(
     r0: usize,
     bufs: &mut BlockBufs<T>,
 ) {
-    let (mr, nr) = (micro.mr, g.nr);
+    let nr = g.nr;
     let col_blocks = rows.div_ceil(nr);
 
     // Q^T in the B layout; columns past `rows` and rows past `head_dim` are zero.
@@ -484,28 +484,29 @@ unsafe fn query_block<T: Element>(
         let st = &mut bufs.st[cb * g.keys_pad * nr..][..g.keys_pad * nr];
         // S^T for these nr queries: one micro-tile per MR keys, written in place.
         let panel = cb * nr / g.b_nr;
-        let mut pc = 0;
-        while pc < g.dp {
-            let kc = micro.kc.min(g.dp - pc);
-            for ir in (0..g.keys_pad).step_by(mr) {
-                let args = TileArgs {
-                    kc,
-                    // SAFETY: inside the packed keys (`keys_pad` rows of `dp`).
-                    a: unsafe { k_base.add(a_offset(micro.a_format, mr, g.dp, ir, pc) * k_elem) },
-                    a_stride: g.dp,
-                    // SAFETY: inside Q^T (`qb / b_nr` panels of `dp` rows).
-                    b: unsafe { qt_base.add((panel * g.dp + pc) * g.b_nr * qt_elem) },
-                    b_panel_stride: g.dp * g.b_nr,
-                    // SAFETY: rows ir..ir+mr of this column block of S^T.
-                    c: unsafe { st.as_mut_ptr().add(ir * nr) },
-                    ldc: nr,
-                    accumulate: pc > 0,
-                };
-                // SAFETY: the tile arguments satisfy the kernel's contract.
-                unsafe { (micro.run)(&args) };
-            }
-            pc += kc;
-        }
+        let keys = Operand {
+            base: k_base,
+            elem: k_elem,
+            kp: g.dp,
+        };
+        // SAFETY: Q^T holds `qb / b_nr` panels of `dp` rows; S^T's block `keys_pad` rows of nr.
+        let queries = Operand {
+            base: unsafe { qt_base.add(panel * g.dp * g.b_nr * qt_elem) },
+            elem: qt_elem,
+            kp: g.dp,
+        };
+        // SAFETY: the packed keys cover `keys_pad` rows of `dp` (see `attention`).
+        unsafe {
+            product(
+                micro,
+                &keys,
+                &queries,
+                g.b_nr,
+                g.keys_pad,
+                st.as_mut_ptr(),
+                nr,
+            )
+        };
         let causal = params.causal.then_some(r0 + cb * nr);
         let sums = &mut bufs.sums[cb * nr..][..nr];
         let pt = bf16.then_some(&mut bufs.pt[..]);
@@ -518,30 +519,81 @@ unsafe fn query_block<T: Element>(
         };
         // O^T for these queries, `dims_pad` rows of nr.
         let ot = &mut bufs.ot[cb * g.dims_pad * nr..][..g.dims_pad * nr];
-        let mut pc = 0;
-        while pc < g.kp_keys {
-            let kc = micro.kc.min(g.kp_keys - pc);
-            for ir in (0..g.dims_pad).step_by(mr) {
-                let args = TileArgs {
-                    kc,
-                    // SAFETY: inside the packed V^T (`dims_pad` rows of `kp_keys`).
-                    a: unsafe {
-                        vt_base.add(a_offset(micro.a_format, mr, g.kp_keys, ir, pc) * vt_elem)
-                    },
-                    a_stride: g.kp_keys,
-                    // SAFETY: inside P^T (panels of `pt_rows` rows).
-                    b: unsafe { pt_base.add((pt_panel * pt_rows + pc) * g.b_nr * pt_elem) },
-                    b_panel_stride: pt_rows * g.b_nr,
-                    // SAFETY: rows ir..ir+mr of this column block of O^T.
-                    c: unsafe { ot.as_mut_ptr().add(ir * nr) },
-                    ldc: nr,
-                    accumulate: pc > 0,
-                };
-                // SAFETY: the tile arguments satisfy the kernel's contract.
-                unsafe { (micro.run)(&args) };
-            }
-            pc += kc;
+        let values = Operand {
+            base: vt_base,
+            elem: vt_elem,
+            kp: g.kp_keys,
+        };
+        // SAFETY: P^T's panel of this block starts there and holds `pt_rows` >= kp_keys rows.
+        let probs = Operand {
+            base: unsafe { pt_base.add(pt_panel * pt_rows * g.b_nr * pt_elem) },
+            elem: pt_elem,
+            kp: pt_rows,
+        };
+        // SAFETY: the packed V^T covers `dims_pad` rows of `kp_keys`.
+        unsafe {
+            product(
+                micro,
+                &values,
+                &probs,
+                g.b_nr,
+                g.dims_pad,
+                ot.as_mut_ptr(),
+                nr,
+            )
+        };
+    }
+}
+
+/// A packed operand of [`product`]: its data, element size in bytes (bf16 halves for pair
+/// words) and padded K (A: the row length; B: the rows of each panel).
+struct Operand {
+    base: *const u8,
+    elem: usize,
+    kp: usize,
+}
+
+/// `C = A B` for `rows` rows of packed A (whole micro-tiles, `a.kp` deep) and one micro-tile
+/// width of packed B starting at `b.base` (panels of `b_nr` columns, `b.kp` rows each), into
+/// `c` (`rows` rows of `ldc`), K walked in the kernel's steps. Only `a.kp` rows of B are read.
+///
+/// # Safety
+/// A holds `rows` rows of `a.kp`; B holds the micro-tile's panels of `b.kp >= a.kp` rows; `c`
+/// holds `rows x ldc` f32 with `ldc >= micro.nr`; the kernel's ISA is available (or emulated).
+unsafe fn product(
+    micro: &Micro,
+    a: &Operand,
+    b: &Operand,
+    b_nr: usize,
+    rows: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    debug_assert!(b.kp >= a.kp && rows.is_multiple_of(micro.mr));
+    let mut pc = 0;
+    while pc < a.kp {
+        let kc = micro.kc.min(a.kp - pc);
+        for ir in (0..rows).step_by(micro.mr) {
+            let args = TileArgs {
+                kc,
+                // SAFETY: row ir at K offset pc is inside A (contract).
+                a: unsafe {
+                    a.base
+                        .add(a_offset(micro.a_format, micro.mr, a.kp, ir, pc) * a.elem)
+                },
+                a_stride: a.kp,
+                // SAFETY: row pc of the first panel is inside B (contract).
+                b: unsafe { b.base.add(pc * b_nr * b.elem) },
+                b_panel_stride: b.kp * b_nr,
+                // SAFETY: rows ir..ir+mr of C (contract).
+                c: unsafe { c.add(ir * ldc) },
+                ldc,
+                accumulate: pc > 0,
+            };
+            // SAFETY: the tile arguments satisfy the kernel's contract.
+            unsafe { (micro.run)(&args) };
         }
+        pc += kc;
     }
 }
 
