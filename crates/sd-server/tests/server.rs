@@ -102,10 +102,13 @@ fn library_image_cfg(
     req.steps = steps;
     req.guidance_scale = cfg;
     req.init = init;
+    library_image_for(sd, &req, seed)
+}
+
+/// The library's first image for a request and seed, as RGB8 bytes.
+fn library_image_for(sd: &StableDiffusion, req: &GenerateRequest, seed: u64) -> Vec<u8> {
     let out = sd
-        .generate(&req, &mut TorchGenerator::new(seed), &mut |_| {
-            Flow::Continue
-        })
+        .generate(req, &mut TorchGenerator::new(seed), &mut |_| Flow::Continue)
         .unwrap();
     sd_pipeline::image::to_rgb8(&out.images.unwrap()).unwrap()[0]
         .clone()
@@ -614,14 +617,7 @@ fn prompt_lora_tags_load_from_the_lora_dir() {
     req.guidance_scale = 7.0;
     req.width = Some(32);
     req.height = Some(32);
-    let lib = |sd: &StableDiffusion| {
-        let out = sd
-            .generate(&req, &mut TorchGenerator::new(7), &mut |_| Flow::Continue)
-            .unwrap();
-        sd_pipeline::image::to_rgb8(&out.images.unwrap()).unwrap()[0]
-            .clone()
-            .into_raw()
-    };
+    let lib = |sd: &StableDiffusion| library_image_for(sd, &req, 7);
     assert_eq!(px, lib(&with));
     // the next request without a tag runs the model without the LoRA
     let (s, v, _) = post(&format!("{url}/sdapi/v1/txt2img"), &body("a red fox "));
@@ -743,14 +739,7 @@ fn embeddings_dir_embeddings_are_applied_listed_and_refreshed() {
     req.guidance_scale = 7.0;
     req.width = Some(32);
     req.height = Some(32);
-    let lib = |sd: &StableDiffusion| {
-        let out = sd
-            .generate(&req, &mut TorchGenerator::new(7), &mut |_| Flow::Continue)
-            .unwrap();
-        sd_pipeline::image::to_rgb8(&out.images.unwrap()).unwrap()[0]
-            .clone()
-            .into_raw()
-    };
+    let lib = |sd: &StableDiffusion| library_image_for(sd, &req, 7);
     assert_eq!(
         px,
         lib(&with),
