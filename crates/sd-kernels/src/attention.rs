@@ -616,51 +616,21 @@ fn probabilities(
     let w = g.nr;
     debug_assert!(w <= MAX_NR && sums.len() == w);
     let s = &mut s[..g.kv_len * w];
-    let mut max = [f32::NEG_INFINITY; MAX_NR];
-    let mut sum = [0f32; MAX_NR];
-    let (max, sum) = (&mut max[..w], &mut sum[..w]);
-    match causal {
-        None => {
-            for row in s.chunks_exact(w) {
-                for (m, x) in max.iter_mut().zip(row) {
-                    *m = m.max(*x * scale);
-                }
-            }
-            for row in s.chunks_exact_mut(w) {
-                for ((x, m), t) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
-                    let e = math::exp(*x * scale - *m);
-                    *x = e;
-                    *t += e;
-                }
-            }
-        }
-        Some(q0) => {
-            for (key, row) in s.chunks_exact(w).enumerate() {
-                for (c, (m, x)) in max.iter_mut().zip(row).enumerate() {
-                    if key <= q0 + c {
-                        *m = m.max(*x * scale);
-                    }
-                }
-            }
-            for (key, row) in s.chunks_exact_mut(w).enumerate() {
-                for (c, ((x, m), t)) in row
-                    .iter_mut()
-                    .zip(max.iter())
-                    .zip(sum.iter_mut())
-                    .enumerate()
-                {
-                    let e = if key <= q0 + c {
-                        math::exp(*x * scale - *m)
-                    } else {
-                        0.0
-                    };
-                    *x = e;
-                    *t += e;
-                }
-            }
-        }
+    // The columns in groups whose width is known at compile time, so that the group's maxima
+    // and sums live in registers and each row is a few whole vectors (two zmm for 32).
+    let mut c0 = 0;
+    while c0 + 32 <= w {
+        softmax_columns::<32>(s, w, c0, scale, causal, &mut sums[c0..c0 + 32]);
+        c0 += 32;
     }
-    sums.copy_from_slice(sum);
+    while c0 + 16 <= w {
+        softmax_columns::<16>(s, w, c0, scale, causal, &mut sums[c0..c0 + 16]);
+        c0 += 16;
+    }
+    while c0 < w {
+        softmax_columns::<1>(s, w, c0, scale, causal, &mut sums[c0..c0 + 1]);
+        c0 += 1;
+    }
     let Some(pt) = pt else { return };
     let zero = [0f32; MAX_NR];
     let row = |key: usize| -> &[f32] {
@@ -693,6 +663,75 @@ fn probabilities(
             }
         }
     }
+}
+
+/// The softmax of columns `c0..c0 + W` of `s` (`kv_len` rows of `w` scores), in place; `sums`
+/// gets their sums. See [`probabilities`].
+#[inline(always)]
+fn softmax_columns<const W: usize>(
+    s: &mut [f32],
+    w: usize,
+    c0: usize,
+    scale: f32,
+    causal: Option<usize>,
+    sums: &mut [f32],
+) {
+    let mut max = [f32::NEG_INFINITY; W];
+    let mut sum = [0f32; W];
+    let rows = s.len() / w;
+    match causal {
+        None => {
+            for key in 0..rows {
+                let Ok(row) = <&[f32; W]>::try_from(&s[key * w + c0..][..W]) else {
+                    continue;
+                };
+                // A select (vmaxps); `f32::max` (its NaN rule) left the vectorizer scalar
+                // pieces. A NaN score still gives NaN probabilities (below).
+                for (m, x) in max.iter_mut().zip(row) {
+                    let v = *x * scale;
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            for key in 0..rows {
+                let row: &mut [f32] = &mut s[key * w + c0..][..W];
+                for ((x, m), t) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+                    let e = math::exp(*x * scale - *m);
+                    *x = e;
+                    *t += e;
+                }
+            }
+        }
+        Some(q0) => {
+            // Column c is query q0 + c: it sees keys 0..=q0 + c.
+            for key in 0..rows {
+                let row = &s[key * w + c0..][..W];
+                for (c, (m, x)) in max.iter_mut().zip(row).enumerate() {
+                    let v = *x * scale;
+                    if key <= q0 + c0 + c && v > *m {
+                        *m = v;
+                    }
+                }
+            }
+            for key in 0..rows {
+                let row = &mut s[key * w + c0..][..W];
+                for (c, ((x, m), t)) in row
+                    .iter_mut()
+                    .zip(max.iter())
+                    .zip(sum.iter_mut())
+                    .enumerate()
+                {
+                    let e = if key <= q0 + c0 + c {
+                        math::exp(*x * scale - *m)
+                    } else {
+                        0.0
+                    };
+                    *x = e;
+                    *t += e;
+                }
+            }
+        }
+    }
+    sums.copy_from_slice(&sum);
 }
 
 /// The widest micro-tile (columns) of the kernels.
