@@ -201,6 +201,37 @@ impl<T: Element> ARows<T> for ConvRows<'_, T> {
         }
         buf
     }
+
+    fn runs(&self, k: usize) -> Option<Vec<(usize, usize)>> {
+        let cin = self.c1 + self.c2;
+        debug_assert_eq!(k, self.kernel * self.kernel * cin);
+        let mut runs = Vec::with_capacity(2 * self.kernel * self.kernel);
+        for tap in 0..self.kernel * self.kernel {
+            runs.push((tap * cin, self.c1));
+            if self.x2.is_some() {
+                runs.push((tap * cin + self.c1, self.c2));
+            }
+        }
+        Some(runs)
+    }
+
+    #[inline]
+    fn run(&self, m: usize, r: usize) -> Option<&[T]> {
+        let parts = if self.x2.is_some() { 2 } else { 1 };
+        let (tap, part) = (r / parts, r % parts);
+        let (ky, kx) = (tap / self.kernel, tap % self.kernel);
+        let (oy, ox) = (m / self.out_w, m % self.out_w);
+        let iy = (oy * self.stride + ky).checked_sub(self.pad_t)?;
+        let sy = *self.src_y.get(iy)?;
+        let ix = (ox * self.stride + kx).checked_sub(self.pad_l)?;
+        let sx = *self.src_x.get(ix)?;
+        let pix = sy * self.in_w + sx;
+        match (part, self.x2) {
+            (0, _) => self.x.get(pix * self.c1..),
+            (_, Some(x2)) => x2.get(pix * self.c2..),
+            _ => None,
+        }
+    }
 }
 
 /// `out = epilogue(conv(x, w))`, all channels-last: x `[batch, in_h, in_w, Cin]` (plus the

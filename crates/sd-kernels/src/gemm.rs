@@ -109,6 +109,19 @@ pub(crate) trait ARows<T>: Sync {
     fn rows(&self) -> usize;
     /// Row `m` (`m < rows`): `buf.len()` (= K) elements, borrowed or gathered into `buf`.
     fn row<'s>(&'s self, m: usize, buf: &'s mut [T]) -> &'s [T];
+    /// When every row is made of the same contiguous runs (a convolution: one per tap and
+    /// input), the runs as `(k0, len)` in K order, covering `0..k`; the f32 packing then
+    /// interleaves the runs from where they lie instead of gathering each row first.
+    fn runs(&self, k: usize) -> Option<Vec<(usize, usize)>> {
+        let _ = k;
+        None
+    }
+    /// Run `r` of row `m` (at least the run's length), or `None` for zeros (padding). Only
+    /// called when [`ARows::runs`] gives runs.
+    fn run(&self, m: usize, r: usize) -> Option<&[T]> {
+        let _ = (m, r);
+        None
+    }
 }
 
 impl<T: Element> ARows<T> for AMatrix<'_, T> {
@@ -320,13 +333,62 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
             // Every element of `out` and of `words` is written below: no clearing.
             out.truncate(len);
             out.resize(len, 0.0);
+            debug_assert!(mr <= MAX_MR && k > 0);
+            // f32 rows are interleaved from where they are: the operand, the runs of a
+            // convolution's rows (taps), or the gather buffer; bf16 rows are widened into
+            // `words` first.
+            let widened = T::as_f32(&[]).is_none();
+            let runs = a.runs(k);
+            if let (true, Some(runs)) = (widened, &runs) {
+                // bf16 runs are widened straight into the tile's rows.
+                let words = &mut tile.f32;
+                words.truncate(mr * k);
+                words.resize(mr * k, 0.0);
+                for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
+                    let rows = mr.min(mc - t * mr);
+                    for (i, row) in words.chunks_exact_mut(k).take(rows).enumerate() {
+                        for (r, &(k0, run_len)) in runs.iter().enumerate() {
+                            let dst = &mut row[k0..k0 + run_len];
+                            match a.run(m0 + t * mr + i, r).and_then(|x| x.get(..run_len)) {
+                                Some(x) => T::to_f32_slice(x, dst),
+                                None => dst.fill(0.0),
+                            }
+                        }
+                    }
+                    let mut refs: [&[f32]; MAX_MR] = [&[]; MAX_MR];
+                    for (d, row) in refs.iter_mut().zip(words.chunks_exact(k)).take(rows) {
+                        *d = row;
+                    }
+                    interleave_rows(&refs[..mr], rows, k, panel);
+                }
+                return;
+            }
+            // f32 runs are interleaved from where they lie (bf16 returned above).
+            if let Some(runs) = runs {
+                let zeros = &mut tile.zeros;
+                let longest = runs.iter().map(|r| r.1).max().unwrap_or(0);
+                if zeros.len() < longest {
+                    zeros.resize(longest, 0.0);
+                }
+                for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
+                    let rows = mr.min(mc - t * mr);
+                    for (r, &(k0, run_len)) in runs.iter().enumerate() {
+                        let mut refs: [&[f32]; MAX_MR] = [&[]; MAX_MR];
+                        for (i, d) in refs.iter_mut().take(rows).enumerate() {
+                            let run = a.run(m0 + t * mr + i, r).and_then(|x| x.get(..run_len));
+                            debug_assert!(run.is_some() || a.run(m0 + t * mr + i, r).is_none());
+                            *d = run.and_then(T::as_f32).unwrap_or(&zeros[..run_len]);
+                        }
+                        let dst = &mut panel[k0 * mr..(k0 + run_len) * mr];
+                        interleave_rows(&refs[..mr], rows, run_len, dst);
+                    }
+                    panel[k * mr..].fill(0.0);
+                }
+                return;
+            }
             let words = &mut tile.f32;
             words.truncate(mr * k);
             words.resize(mr * k, 0.0);
-            debug_assert!(mr <= MAX_MR && k > 0);
-            // f32 rows are interleaved from where they are (the operand, or the gather buffer
-            // of a convolution); bf16 rows are widened into `words` first.
-            let widened = T::as_f32(&[]).is_none();
             for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
                 let rows = mr.min(mc - t * mr);
                 let mut refs: [&[f32]; MAX_MR] = [&[]; MAX_MR];
@@ -396,6 +458,8 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
 pub(crate) struct TileBuf {
     f32: Vec<f32>,
     pairs: Vec<u32>,
+    /// Zeros, for the padding runs of a convolution's rows.
+    zeros: Vec<f32>,
 }
 
 /// The largest MR of the kernels.
