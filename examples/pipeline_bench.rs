@@ -12,6 +12,11 @@
 //! diffusers' `enable_tiling`). The last line is machine-readable:
 //! `SUMMARY total_s=<s> unet_s=<s> vae_s=<s> text_s=<s> peak_rss_mib=<VmHWM>`.
 //! tools/bench/torch_pipeline.py is the diffusers twin (same flags, same line).
+//!
+//! `--config sdxl --stage load` builds everything the SDXL ensemble of experts keeps in memory
+//! (base and refiner UNets, the VAE, CLIP ViT-L and OpenCLIP ViT-bigG with its projection) in
+//! `--dtype` and ends with `SUMMARY load_s=<s> peak_rss_mib=<VmHWM>`: the memory check of
+//! docs/performance.md.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -63,7 +68,7 @@ fn parse_args() -> Result<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "pipeline_bench [--config sd15|sdxl] [--stage all|vae] [--size PIXELS] \
+                    "pipeline_bench [--config sd15|sdxl] [--stage all|vae|load] [--size PIXELS] \
                      [--steps N] [--dtype f32|bf16|f16] [--tile]"
                 );
                 std::process::exit(0);
@@ -71,8 +76,11 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown flag {other}"),
         }
     }
-    if !["all", "vae"].contains(&a.stage.as_str()) {
-        bail!("--stage {}: expected all or vae", a.stage);
+    if !["all", "vae", "load"].contains(&a.stage.as_str()) {
+        bail!("--stage {}: expected all, vae or load", a.stage);
+    }
+    if a.stage == "load" && a.config != "sdxl" {
+        bail!("--stage load: expected --config sdxl (the base + refiner ensemble)");
     }
     if a.config != "sd15" && a.stage == "all" {
         bail!(
@@ -126,6 +134,9 @@ fn main() -> Result<()> {
         Ok(Tensor::from_vec(g.randn(n), shape, &dev)?)
     };
 
+    if args.stage == "load" {
+        return load_ensemble(args.dtype);
+    }
     let mut vae = vae(&args.config, args.dtype)?;
     if args.tile {
         vae.enable_tiling(None::<TileConfig>)?;
@@ -203,5 +214,60 @@ fn main() -> Result<()> {
         text_s + unet_s + vae_s,
         peak_rss_mib()
     );
+    Ok(())
+}
+
+/// Builds the SDXL ensemble's models (random weights, real configs) and reports the peak RSS.
+fn load_ensemble(dtype: DType) -> Result<()> {
+    let dev = Device::Cpu;
+    let t = Instant::now();
+    let text_encoder = |json: &str, path: &str, seed: u64| -> Result<ClipTextModel> {
+        let raw: ClipTextConfigJson = serde_json::from_str(json)?;
+        let config = ClipTextConfig::from_json(&raw, Path::new(path))?;
+        Ok(ClipTextModel::new(
+            config,
+            &VarBuilder::random(seed, dtype, &dev),
+        )?)
+    };
+    let unet = |json: &str, seed: u64| -> Result<UNet2DConditionModel> {
+        let config = UNetConfig::from_json_str(json, &PathBuf::from("unet/config.json"))?;
+        Ok(UNet2DConditionModel::from_config(
+            config,
+            &VarBuilder::random(seed, dtype, &dev),
+        )?)
+    };
+    let models = (
+        unet(
+            include_str!("../crates/sd-unet/tests/data/sdxl_base_unet_config.json"),
+            0,
+        )?,
+        unet(
+            include_str!("../crates/sd-unet/tests/data/sdxl_refiner_unet_config.json"),
+            1,
+        )?,
+        vae("sdxl", dtype)?,
+        // SDXL's text_encoder has CLIP ViT-L's config, the one of SD 1.5.
+        text_encoder(
+            include_str!("configs/sd15_text_encoder_config.json"),
+            "text_encoder/config.json",
+            3,
+        )?,
+        text_encoder(
+            include_str!("configs/sdxl_text_encoder_2_config.json"),
+            "text_encoder_2/config.json",
+            4,
+        )?,
+    );
+    let load_s = t.elapsed().as_secs_f64();
+    println!(
+        "loaded base + refiner UNets, VAE, both text encoders ({dtype:?}) in {load_s:.1} s; \
+         text_encoder_2 projection: {:?}",
+        models.4.config().projection_dim
+    );
+    println!(
+        "SUMMARY load_s={load_s:.3} peak_rss_mib={:.0}",
+        peak_rss_mib()
+    );
+    drop(models);
     Ok(())
 }
