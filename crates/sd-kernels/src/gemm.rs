@@ -99,7 +99,16 @@ pub fn gemm_with<T: Element>(
     epi: &Epilogue<'_, T>,
 ) -> Result<(), KernelError> {
     need(a.data.len(), a.rows, a.stride, b.k, "A")?;
-    gemm_rows(opts, &a, b, c, ldc, epi)
+    gemm_rows(opts, &a, b, c, ldc, epi, None)
+}
+
+/// A bias per group of consecutive rows (a convolution's per-image time embedding): group `g`
+/// (rows `g * rows_per_group ..`) adds `table[g * N .. (g + 1) * N]` in place of the
+/// epilogue's bias.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowBias<'a> {
+    pub table: &'a [f32],
+    pub rows_per_group: usize,
 }
 
 /// The rows of the left-hand matrix as the packing reads them, one row of K at a time: a
@@ -145,6 +154,7 @@ pub(crate) fn gemm_rows<T: Element, O: Element, A: ARows<T>>(
     c: &mut [O],
     ldc: usize,
     epi: &Epilogue<'_, O>,
+    row_bias: Option<RowBias<'_>>,
 ) -> Result<(), KernelError> {
     if T::DTYPE != b.dtype {
         return Err(KernelError::new(format!(
@@ -164,6 +174,16 @@ pub(crate) fn gemm_rows<T: Element, O: Element, A: ARows<T>>(
             return Err(KernelError::new(format!(
                 "bias has {} values, expected {}",
                 bias.len(),
+                b.n
+            )));
+        }
+    }
+    if let Some(rb) = row_bias {
+        let groups = a.rows().div_ceil(rb.rows_per_group.max(1));
+        if rb.rows_per_group == 0 || Some(rb.table.len()) != groups.checked_mul(b.n) {
+            return Err(KernelError::new(format!(
+                "row-group bias has {} values, expected {groups} groups of {}",
+                rb.table.len(),
                 b.n
             )));
         }
@@ -194,7 +214,7 @@ pub(crate) fn gemm_rows<T: Element, O: Element, A: ARows<T>>(
     let job = |rows: Range<usize>, cols: Range<usize>| {
         // SAFETY: the parts are disjoint (rows x columns) and inside C (checked above), so no
         // two workers write the same element.
-        unsafe { worker(&micro, a, b, c_ptr, ldc, epi, rows, cols) }
+        unsafe { worker(&micro, a, b, c_ptr, ldc, epi, row_bias, rows, cols) }
     };
     if parts.len() == 1 {
         let (rows, cols) = parts[0].clone();
@@ -577,6 +597,7 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
     c: SendPtr<O>,
     ldc: usize,
     epi: &Epilogue<'_, O>,
+    row_bias: Option<RowBias<'_>>,
     rows: Range<usize>,
     cols: Range<usize>,
 ) {
@@ -664,6 +685,7 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
                 cols: c0..c0 + nc,
                 b,
                 epi,
+                row_bias,
                 c,
                 ldc,
                 m0,
@@ -702,6 +724,7 @@ struct ScratchBlock<'s, 'e, O> {
     cols: Range<usize>,
     b: &'s PackedB,
     epi: &'s Epilogue<'e, O>,
+    row_bias: Option<RowBias<'e>>,
     c: SendPtr<O>,
     ldc: usize,
     m0: usize,
@@ -748,14 +771,24 @@ unsafe fn epilogue_body<O: Element>(block: &ScratchBlock<'_, '_, O>, tmp: &mut [
         ref cols,
         b,
         epi,
+        row_bias,
         c,
         ldc,
         m0,
     } = *block;
     let n_out = b.out_columns();
+    let mut group_epi = *epi;
     for r in 0..mc {
         let srow = &scratch[r * lds..][..cols.len()];
         let out_row = m0 + r;
+        let epi = match row_bias {
+            Some(rb) => {
+                let g = out_row / rb.rows_per_group;
+                group_epi.bias = Some(&rb.table[g * b.n..(g + 1) * b.n]);
+                &group_epi
+            }
+            None => epi,
+        };
         let residual_row = epi.residual.map(|(data, ldr)| &data[out_row * ldr..]);
         if b.geglu {
             // Stored columns come as (value panel, gate panel) pairs.
