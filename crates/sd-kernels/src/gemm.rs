@@ -442,15 +442,31 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
             let words = &mut tile.pairs;
             words.truncate(mr * pairs);
             words.resize(mr * pairs, 0);
+            // A convolution's runs are paired where they lie when no pair straddles two runs
+            // (even channel counts); otherwise each row is gathered first.
+            let runs = a
+                .runs(k)
+                .filter(|runs| runs.iter().all(|&(k0, l)| k0 % 2 == 0 && l % 2 == 0));
             for (t, panel) in out.chunks_exact_mut(mr * pairs).enumerate() {
                 let rows = mr.min(mc - t * mr);
                 for (i, dst) in words.chunks_exact_mut(pairs).enumerate() {
-                    if i < rows {
+                    if i >= rows {
+                        dst.fill(0);
+                        continue;
+                    }
+                    let Some(runs) = &runs else {
                         let row = a.row(m0 + t * mr + i, &mut gather[..k]);
                         pair_words(row, dst);
-                    } else {
-                        dst.fill(0);
+                        continue;
+                    };
+                    for (r, &(k0, run_len)) in runs.iter().enumerate() {
+                        let d = &mut dst[k0 / 2..(k0 + run_len) / 2];
+                        match a.run(m0 + t * mr + i, r).and_then(|x| x.get(..run_len)) {
+                            Some(x) => pair_words(x, d),
+                            None => d.fill(0),
+                        }
                     }
+                    dst[k / 2..].fill(0);
                 }
                 interleave(words, mr, pairs, panel);
             }
@@ -458,10 +474,24 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
         (AFormat::Bf16Rows, ABuf::U16(out)) => {
             out.clear();
             out.resize(len, 0);
+            let runs = a.runs(k);
             for r in 0..mc {
-                let row = a.row(m0 + r, &mut gather[..k]);
-                for (o, v) in out[r * kp..][..k].iter_mut().zip(row) {
-                    *o = bf16_bits(*v);
+                let dst = &mut out[r * kp..][..k];
+                let Some(runs) = &runs else {
+                    let row = a.row(m0 + r, &mut gather[..k]);
+                    for (o, v) in dst.iter_mut().zip(row) {
+                        *o = bf16_bits(*v);
+                    }
+                    continue;
+                };
+                // The runs of a convolution row, copied from where they lie (padding runs
+                // stay zero).
+                for (run, &(k0, run_len)) in runs.iter().enumerate() {
+                    if let Some(x) = a.run(m0 + r, run).and_then(|x| x.get(..run_len)) {
+                        for (o, v) in dst[k0..k0 + run_len].iter_mut().zip(x) {
+                            *o = bf16_bits(*v);
+                        }
+                    }
                 }
             }
         }

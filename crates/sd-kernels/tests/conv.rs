@@ -89,6 +89,14 @@ fn cases() -> Vec<Case> {
         },
         // conv_in: 4 input channels (K = 36); conv_out: 4 outputs.
         case(2, 7, 7, 4, 64),
+        // The VAE encoder's conv_in: 3 channels (odd runs: the bf16 pair packing gathers),
+        // and a concat of two odd channel counts (even in total, odd runs), batch 2.
+        case(2, 6, 5, 3, 16),
+        Case {
+            c2: 3,
+            batch_bias: true,
+            ..case(2, 5, 5, 5, 12)
+        },
         case(1, 7, 7, 64, 4),
         // Real channel counts at the smallest size (K = 2880 spans several K blocks).
         Case {
