@@ -119,8 +119,8 @@ pub(crate) trait ARows<T>: Sync {
     /// Row `m` (`m < rows`): `buf.len()` (= K) elements, borrowed or gathered into `buf`.
     fn row<'s>(&'s self, m: usize, buf: &'s mut [T]) -> &'s [T];
     /// When every row is made of the same contiguous runs (a convolution: one per tap and
-    /// input), the runs as `(k0, len)` in K order, covering `0..k`; the f32 packing then
-    /// interleaves the runs from where they lie instead of gathering each row first.
+    /// input), the runs as `(k0, len)` in K order, covering `0..k`; the packing then takes
+    /// the runs from where they lie instead of gathering each row first.
     fn runs(&self, k: usize) -> Option<Vec<(usize, usize)>> {
         let _ = k;
         None
