@@ -221,22 +221,26 @@ impl<T: Element> ARows<T> for ConvRows<'_, T> {
         Some(runs)
     }
 
-    #[inline]
-    fn run(&self, m: usize, r: usize) -> Option<&[T]> {
-        let parts = if self.x2.is_some() { 2 } else { 1 };
-        let (tap, part) = (r / parts, r % parts);
-        let (ky, kx) = (tap / self.kernel, tap % self.kernel);
+    fn row_runs<'s>(&'s self, m: usize, out: &mut [Option<&'s [T]>]) {
         let (image, p) = (m / self.out_pixels, m % self.out_pixels);
         let (oy, ox) = (p / self.out_w, p % self.out_w);
-        let iy = (oy * self.stride + ky).checked_sub(self.pad_t)?;
-        let sy = *self.src_y.get(iy)?;
-        let ix = (ox * self.stride + kx).checked_sub(self.pad_l)?;
-        let sx = *self.src_x.get(ix)?;
-        let pix = image * self.in_pixels + sy * self.in_w + sx;
-        match (part, self.x2) {
-            (0, _) => self.x.get(pix * self.c1..),
-            (_, Some(x2)) => x2.get(pix * self.c2..),
-            _ => None,
+        let parts = if self.x2.is_some() { 2 } else { 1 };
+        for (tap, runs) in out.chunks_exact_mut(parts).enumerate() {
+            let (ky, kx) = (tap / self.kernel, tap % self.kernel);
+            let sy = (oy * self.stride + ky)
+                .checked_sub(self.pad_t)
+                .and_then(|iy| self.src_y.get(iy));
+            let sx = (ox * self.stride + kx)
+                .checked_sub(self.pad_l)
+                .and_then(|ix| self.src_x.get(ix));
+            let pix = match (sy, sx) {
+                (Some(sy), Some(sx)) => Some(image * self.in_pixels + sy * self.in_w + sx),
+                _ => None,
+            };
+            runs[0] = pix.and_then(|p| self.x.get(p * self.c1..));
+            if let (Some(run), Some(x2)) = (runs.get_mut(1), self.x2) {
+                *run = pix.and_then(|p| x2.get(p * self.c2..));
+            }
         }
     }
 }

@@ -125,11 +125,12 @@ pub(crate) trait ARows<T>: Sync {
         let _ = k;
         None
     }
-    /// Run `r` of row `m` (at least the run's length), or `None` for zeros (padding). Only
-    /// called when [`ARows::runs`] gives runs.
-    fn run(&self, m: usize, r: usize) -> Option<&[T]> {
-        let _ = (m, r);
-        None
+    /// The runs of row `m` into `out` (one entry per run of [`ARows::runs`]): each where it
+    /// lies (at least the run's length), or `None` for zeros (padding). Only called when
+    /// [`ARows::runs`] gives runs.
+    fn row_runs<'s>(&'s self, m: usize, out: &mut [Option<&'s [T]>]) {
+        let _ = m;
+        out.fill(None);
     }
 }
 
@@ -364,12 +365,14 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                 let words = &mut tile.f32;
                 words.truncate(mr * k);
                 words.resize(mr * k, 0.0);
+                let mut found = vec![None; runs.len()];
                 for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
                     let rows = mr.min(mc - t * mr);
                     for (i, row) in words.chunks_exact_mut(k).take(rows).enumerate() {
-                        for (r, &(k0, run_len)) in runs.iter().enumerate() {
+                        a.row_runs(m0 + t * mr + i, &mut found);
+                        for (&(k0, run_len), x) in runs.iter().zip(&found) {
                             let dst = &mut row[k0..k0 + run_len];
-                            match a.run(m0 + t * mr + i, r).and_then(|x| x.get(..run_len)) {
+                            match x.and_then(|x| x.get(..run_len)) {
                                 Some(x) => T::to_f32_slice(x, dst),
                                 None => dst.fill(0.0),
                             }
@@ -390,14 +393,23 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                 if zeros.len() < longest {
                     zeros.resize(longest, 0.0);
                 }
+                // The runs of the tile's rows, row-major: each row's position is derived once.
+                let n_runs = runs.len();
+                let mut found = vec![None; mr * n_runs];
                 for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
                     let rows = mr.min(mc - t * mr);
+                    for (i, row_runs) in found.chunks_exact_mut(n_runs).take(rows).enumerate() {
+                        a.row_runs(m0 + t * mr + i, row_runs);
+                    }
                     for (r, &(k0, run_len)) in runs.iter().enumerate() {
                         let mut refs: [&[f32]; MAX_MR] = [&[]; MAX_MR];
                         for (i, d) in refs.iter_mut().take(rows).enumerate() {
-                            let run = a.run(m0 + t * mr + i, r).and_then(|x| x.get(..run_len));
-                            debug_assert!(run.is_some() || a.run(m0 + t * mr + i, r).is_none());
-                            *d = run.and_then(T::as_f32).unwrap_or(&zeros[..run_len]);
+                            let run = found[i * n_runs + r];
+                            debug_assert!(run.is_none_or(|x| x.len() >= run_len));
+                            *d = run
+                                .and_then(|x| x.get(..run_len))
+                                .and_then(T::as_f32)
+                                .unwrap_or(&zeros[..run_len]);
                         }
                         let dst = &mut panel[k0 * mr..(k0 + run_len) * mr];
                         interleave_rows(&refs[..mr], rows, run_len, dst);
@@ -447,6 +459,7 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
             let runs = a
                 .runs(k)
                 .filter(|runs| runs.iter().all(|&(k0, l)| k0 % 2 == 0 && l % 2 == 0));
+            let mut found = vec![None; runs.as_ref().map_or(0, |r| r.len())];
             for (t, panel) in out.chunks_exact_mut(mr * pairs).enumerate() {
                 let rows = mr.min(mc - t * mr);
                 for (i, dst) in words.chunks_exact_mut(pairs).enumerate() {
@@ -459,9 +472,10 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                         pair_words(row, dst);
                         continue;
                     };
-                    for (r, &(k0, run_len)) in runs.iter().enumerate() {
+                    a.row_runs(m0 + t * mr + i, &mut found);
+                    for (&(k0, run_len), x) in runs.iter().zip(&found) {
                         let d = &mut dst[k0 / 2..(k0 + run_len) / 2];
-                        match a.run(m0 + t * mr + i, r).and_then(|x| x.get(..run_len)) {
+                        match x.and_then(|x| x.get(..run_len)) {
                             Some(x) => pair_words(x, d),
                             None => d.fill(0),
                         }
@@ -475,6 +489,7 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
             out.clear();
             out.resize(len, 0);
             let runs = a.runs(k);
+            let mut found = vec![None; runs.as_ref().map_or(0, |r| r.len())];
             for r in 0..mc {
                 let dst = &mut out[r * kp..][..k];
                 let Some(runs) = &runs else {
@@ -486,8 +501,9 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                 };
                 // The runs of a convolution row, copied from where they lie (padding runs
                 // stay zero).
-                for (run, &(k0, run_len)) in runs.iter().enumerate() {
-                    if let Some(x) = a.run(m0 + r, run).and_then(|x| x.get(..run_len)) {
+                a.row_runs(m0 + r, &mut found);
+                for (&(k0, run_len), x) in runs.iter().zip(&found) {
+                    if let Some(x) = x.and_then(|x| x.get(..run_len)) {
                         for (o, v) in dst[k0..k0 + run_len].iter_mut().zip(x) {
                             *o = bf16_bits(*v);
                         }
