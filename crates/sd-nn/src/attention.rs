@@ -349,14 +349,16 @@ impl Attention {
 mod tests {
     use super::*;
     use candle_core::Device;
+    use sd_core::NoiseSource;
 
     /// Chunking heads and query rows (a budget far below one slice) gives the same values.
     #[test]
     fn chunked_attention_equals_unchunked() -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let mut g = sd_core::TorchGenerator::new(21);
+        let q = g.randn_tensor(&[2, 3, 37, 8], DType::F32, &dev)?;
+        let k = g.randn_tensor(&[2, 3, 29, 8], DType::F32, &dev)?;
+        let v = g.randn_tensor(&[2, 3, 29, 8], DType::F32, &dev)?;
         let full = sdpa_chunked(&q, &k, &v, 0.3, false, false, usize::MAX)?;
         for budget in [37 * 29 * 4 * 2, 37 * 29 * 4, 29 * 4 * 5, 1] {
             let c = sdpa_chunked(&q, &k, &v, 0.3, false, false, budget)?;
@@ -372,9 +374,10 @@ mod tests {
     fn causal_attention_sees_only_earlier_keys() -> anyhow::Result<()> {
         use candle_core::IndexOp;
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (1, 2, 9, 4), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (1, 2, 9, 4), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (1, 2, 9, 4), &dev)?;
+        let mut g = sd_core::TorchGenerator::new(22);
+        let q = g.randn_tensor(&[1, 2, 9, 4], DType::F32, &dev)?;
+        let k = g.randn_tensor(&[1, 2, 9, 4], DType::F32, &dev)?;
+        let v = g.randn_tensor(&[1, 2, 9, 4], DType::F32, &dev)?;
         let full = sdpa_chunked(&q, &k, &v, 0.5, false, true, usize::MAX)?;
         let chunked = sdpa_chunked(&q, &k, &v, 0.5, false, true, 9 * 4 * 2)?;
         let diff = (&chunked - &full)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -399,6 +402,7 @@ mod tests {
     #[test]
     fn kernel_attention_equals_chunked_reference() -> anyhow::Result<()> {
         let dev = Device::Cpu;
+        let mut g = sd_core::TorchGenerator::new(23);
         // (batch, heads, lq, lk, d, upcast, causal)
         let cases = [
             (1, 8, 4096, 4096, 40, false, false),
@@ -407,9 +411,9 @@ mod tests {
             (2, 12, 77, 77, 64, false, true),
         ];
         for (b, h, lq, lk, d, upcast, causal) in cases {
-            let q = Tensor::randn(0f32, 1.0, (b, lq, h * d), &dev)?;
-            let k = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
-            let v = Tensor::randn(0f32, 1.0, (b, lk, h * d), &dev)?;
+            let q = g.randn_tensor(&[b, lq, h * d], DType::F32, &dev)?;
+            let k = g.randn_tensor(&[b, lk, h * d], DType::F32, &dev)?;
+            let v = g.randn_tensor(&[b, lk, h * d], DType::F32, &dev)?;
             let scale = 1.0 / (d as f64).sqrt();
             for dtype in [DType::F32, DType::BF16] {
                 let (q, k, v) = (q.to_dtype(dtype)?, k.to_dtype(dtype)?, v.to_dtype(dtype)?);

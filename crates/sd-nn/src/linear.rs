@@ -393,6 +393,7 @@ impl candle_core::CustomOp2 for LinearOp<'_> {
 mod tests {
     use super::*;
     use candle_core::{Device, IndexOp};
+    use sd_core::NoiseSource;
 
     fn plain(w: &Tensor, b: &Tensor) -> Linear {
         Linear {
@@ -412,13 +413,23 @@ mod tests {
     #[test]
     fn packed_equals_candle_path() -> anyhow::Result<()> {
         let dev = Device::Cpu;
+        let mut g = sd_core::TorchGenerator::new(21);
         for dtype in [DType::F32, DType::BF16] {
-            let w = Tensor::randn(0f32, 0.2, (64, 40), &dev)?.to_dtype(dtype)?;
-            let b = Tensor::randn(0f32, 0.5, 64, &dev)?.to_dtype(dtype)?;
-            let x = Tensor::randn(0f32, 1.0, (3, 40, 17), &dev)?
+            let w = g
+                .randn_tensor(&[64, 40], DType::F32, &dev)?
+                .affine(0.2, 0.0)?
+                .to_dtype(dtype)?;
+            let b = g
+                .randn_tensor(&[64], DType::F32, &dev)?
+                .affine(0.5, 0.0)?
+                .to_dtype(dtype)?;
+            let x = g
+                .randn_tensor(&[3, 40, 17], DType::F32, &dev)?
                 .to_dtype(dtype)?
                 .transpose(1, 2)?; // [3, 17, 40] strided
-            let r = Tensor::randn(0f32, 1.0, (3, 17, 64), &dev)?.to_dtype(dtype)?;
+            let r = g
+                .randn_tensor(&[3, 17, 64], DType::F32, &dev)?
+                .to_dtype(dtype)?;
             for act in [
                 Activation::Identity,
                 Activation::Silu,

@@ -548,15 +548,21 @@ impl LayerNorm {
 mod tests {
     use super::*;
     use candle_core::{Device, IndexOp};
+    use sd_core::NoiseSource;
 
     /// Regression: candle's batched matmul mis-computes a transposed batched input (batch
     /// entries after the first were off by up to 0.4 here before `linear` flattened to 2-D).
     #[test]
     fn linear_on_transposed_batch_matches_per_entry() -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (3, 16, 15), &dev)?.transpose(1, 2)?; // [3, 15, 16], strided
-        let w = Tensor::randn(0f32, 0.25, (8, 16), &dev)?;
-        let b = Tensor::randn(0f32, 0.1, 8, &dev)?;
+        let mut g = sd_core::TorchGenerator::new(21);
+        let x = g
+            .randn_tensor(&[3, 16, 15], DType::F32, &dev)?
+            .transpose(1, 2)?; // [3, 15, 16], strided
+        let w = g
+            .randn_tensor(&[8, 16], DType::F32, &dev)?
+            .affine(0.25, 0.0)?;
+        let b = g.randn_tensor(&[8], DType::F32, &dev)?.affine(0.1, 0.0)?;
         let y = linear(&x, &w, Some(&b))?;
         assert_eq!(y.dims(), &[3, 15, 8]);
         for i in 0..3 {
