@@ -31,6 +31,25 @@ impl BElem for u16 {
     }
 }
 
+/// How many K steps ahead the kernel prefetches its B panel into L1. The panel (256 steps of
+/// 32 f32 = 32 KiB) and the A panel streaming past it do not both stay in a 48 KiB L1, and the
+/// hardware prefetchers fill L2, not L1: prefetching 16 steps (2 KiB) ahead made a 640 -> 640
+/// convolution at 32x32 about 7-15% faster on one thread (interleaved runs; 8 to 32 steps
+/// were alike, prefetching A gained nothing).
+const PREFETCH_B_STEPS: usize = 16;
+
+/// Asks for the cache line at `p` in L1 (a hint: no effect elsewhere than x86-64).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The kernel body, instantiated per vector type inside `#[target_feature]` wrappers.
 ///
 /// # Safety
@@ -52,8 +71,15 @@ unsafe fn tile<V: F32Vec, B: BElem, const MR: usize, const NV: usize>(t: &TileAr
                 }
             }
         }
+        let step_bytes = nr * std::mem::size_of::<B>();
         for k in 0..t.kc {
             let bk = b.add(k * nr);
+            // Past the panel's end this touches the next panel or nothing: wrapping
+            // arithmetic, never dereferenced.
+            let ahead = (bk as *const u8).wrapping_add(PREFETCH_B_STEPS * step_bytes);
+            for line in (0..step_bytes).step_by(64) {
+                prefetch(ahead.wrapping_add(line));
+            }
             let mut bv = [V::zero(); NV];
             for (v, x) in bv.iter_mut().enumerate() {
                 *x = B::load::<V>(bk.add(v * V::LANES));
