@@ -3,12 +3,15 @@
 //! `vdpbf16ps` (32 multiply-adds per instruction). A is packed `[tile][k/2][12][2]`, B
 //! `[panel][k/2][32][2]`. The emulated instance runs the same code on 16-lane arrays.
 
-use super::{AFormat, Micro, TileArgs};
+use super::{prefetch, AFormat, Micro, TileArgs};
 use crate::isa::Isa;
 use crate::simd::{Bf16DotVec, Emu};
 
 const MR: usize = 12;
 const NV: usize = 2;
+/// Pair steps between the B line being prefetched into L1 and the one being read: 2 KiB, as
+/// in the FMA kernel (see `fma::PREFETCH_B_STEPS`).
+const PREFETCH_B_PAIR_STEPS: usize = 16;
 
 /// # Safety
 /// `t.a` holds `kc/2 * MR` pairs, `t.b` `kc/2 * NV*LANES` pairs, `t.c` an `MR x NV*LANES` tile
@@ -32,6 +35,10 @@ unsafe fn tile<V: Bf16DotVec>(t: &TileArgs) {
         }
         for kk in 0..t.kc / 2 {
             let bk = b.add(kk * nr * 2);
+            // Two lines per pair step (32 columns x 2 x bf16); wrapping, never dereferenced.
+            let ahead = (bk as *const u8).wrapping_add(PREFETCH_B_PAIR_STEPS * nr * 4);
+            prefetch(ahead);
+            prefetch(ahead.wrapping_add(64));
             let b0 = V::load_pairs(bk);
             let b1 = V::load_pairs(bk.add(2 * V::LANES));
             let ak = a.add(kk * MR);

@@ -3,7 +3,7 @@
 //! registers (a shift), so bf16 weights stay bf16 in memory. Instances: portable (4 x 16),
 //! AVX2 (6 x 16), AVX-512 (12 x 32, also emulated with 16-lane arrays).
 
-use super::{AFormat, Micro, TileArgs};
+use super::{prefetch, AFormat, Micro, TileArgs};
 use crate::isa::Isa;
 use crate::pack::DType;
 use crate::simd::{Emu, F32Vec};
@@ -37,18 +37,6 @@ impl BElem for u16 {
 /// convolution at 32x32 about 7-15% faster on one thread (interleaved runs; 8 to 32 steps
 /// were alike, prefetching A gained nothing).
 const PREFETCH_B_STEPS: usize = 16;
-
-/// Asks for the cache line at `p` in L1 (a hint: no effect elsewhere than x86-64).
-#[inline(always)]
-fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint that never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
 
 /// The kernel body, instantiated per vector type inside `#[target_feature]` wrappers.
 ///

@@ -10,6 +10,18 @@ pub(crate) mod fma;
 use crate::isa::Isa;
 use crate::pack::DType;
 
+/// Asks for the cache line at `p` in L1 (a hint: nothing elsewhere than x86-64).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// How the driver packs A for a kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AFormat {
