@@ -695,7 +695,8 @@ fn softmax_columns<const W: usize>(
             for key in 0..rows {
                 let row: &mut [f32] = &mut s[key * w + c0..][..W];
                 for ((x, m), t) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
-                    let e = math::exp(*x * scale - *m);
+                    // At most an ulp of `m` above 0 (fused): in exp_nonpositive's domain.
+                    let e = math::exp_nonpositive(x.mul_add(scale, -*m));
                     *x = e;
                     *t += e;
                 }
@@ -721,7 +722,7 @@ fn softmax_columns<const W: usize>(
                     .enumerate()
                 {
                     let e = if key <= q0 + c0 + c {
-                        math::exp(*x * scale - *m)
+                        math::exp_nonpositive(x.mul_add(scale, -*m))
                     } else {
                         0.0
                     };
