@@ -74,7 +74,7 @@ pub fn erf(x: f32) -> f32 {
     p = p * t + 1.421_413_8;
     p = p * t - 0.284_496_74;
     p = p * t + 0.254_829_6;
-    let y = 1.0 - p * t * exp(-a * a);
+    let y = 1.0 - p * t * exp_nonpositive(-a * a);
     y.copysign(x)
 }
 
