@@ -128,13 +128,21 @@ pub(crate) fn apply_row<T: Element>(
         tmp.iter_mut().for_each(|t| *t *= epi.scale);
     }
     if let Some(gate) = gate {
-        let bias = epi.bias.map(|b| &b[gate_col0..gate_col0 + w]);
-        for (j, t) in tmp.iter_mut().enumerate() {
-            let mut g = gate[j];
-            if let Some(b) = bias {
-                g += b[j];
+        // Zipped slices of one length and the bias branch outside the loop: this loop
+        // vectorizes (indexing with a per-element branch left it scalar).
+        let gate = &gate[..w];
+        let scale = epi.scale;
+        match epi.bias {
+            Some(b) => {
+                for ((t, g), b) in tmp.iter_mut().zip(gate).zip(&b[gate_col0..gate_col0 + w]) {
+                    *t *= math::gelu((*g + *b) * scale);
+                }
             }
-            *t *= math::gelu(g * epi.scale);
+            None => {
+                for (t, g) in tmp.iter_mut().zip(gate) {
+                    *t *= math::gelu(*g * scale);
+                }
+            }
         }
     } else {
         activate(tmp, epi.activation);
