@@ -296,7 +296,8 @@ impl Geometry {
     fn b_index(&self, kp: usize, k: usize, col: usize) -> usize {
         let (p, c) = (col / self.b_nr, col % self.b_nr);
         match self.layout {
-            BLayout::F32 | BLayout::Bf16 => (p * kp + k) * self.b_nr + c,
+            BLayout::F32 => (p * kp + k) * self.b_nr + c,
+            BLayout::Bf16 => (p * kp + k) * self.b_nr + crate::pack::bf16_slot(c, self.b_nr),
             BLayout::Bf16Pairs => p * kp * self.b_nr + ((k / 2) * self.b_nr + c) * 2 + k % 2,
         }
     }
@@ -641,11 +642,27 @@ fn probabilities(
         }
     };
     match g.layout {
-        BLayout::F32 | BLayout::Bf16 => {
+        BLayout::F32 => {
             // One panel per column block (b_nr == nr): the rows are contiguous.
             let panel = &mut pt[cb * g.kp_keys * w..][..g.kp_keys * w];
             let (live, pad) = panel.split_at_mut(g.kv_len * w);
             convert::f32_to_bf16(s, live);
+            pad.fill(half::bf16::ZERO);
+        }
+        BLayout::Bf16 => {
+            // As above, each row's halves interleaved (`pack::bf16_slot`; b_nr == nr == w).
+            let panel = &mut pt[cb * g.kp_keys * w..][..g.kp_keys * w];
+            let (live, pad) = panel.split_at_mut(g.kv_len * w);
+            let mut rounded = [half::bf16::ZERO; MAX_NR];
+            let rounded = &mut rounded[..w];
+            for (src, dst) in s.chunks_exact(w).zip(live.chunks_exact_mut(w)) {
+                convert::f32_to_bf16(src, rounded);
+                let (lo, hi) = rounded.split_at(w / 2);
+                for ((pair, l), h) in dst.chunks_exact_mut(2).zip(lo).zip(hi) {
+                    pair[0] = *l;
+                    pair[1] = *h;
+                }
+            }
             pad.fill(half::bf16::ZERO);
         }
         BLayout::Bf16Pairs => {

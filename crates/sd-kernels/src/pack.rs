@@ -2,7 +2,9 @@
 //!
 //! Layouts, all made of panels of `nr` columns, each panel holding the whole (padded) K:
 //! - [`BLayout::F32`]: `[panel][k][nr]` f32, for the FMA kernels in f32;
-//! - [`BLayout::Bf16`]: `[panel][k][nr]` bf16, widened in registers by the FMA kernels;
+//! - [`BLayout::Bf16`]: `[panel][k][nr]` bf16, widened in registers by the FMA kernels; within
+//!   a row the two halves of the panel are interleaved (column `j` and column `j + nr/2` share
+//!   a 32-bit word, see [`bf16_slot`]), so that a shift and a mask widen them;
 //! - [`BLayout::Bf16Pairs`]: `[panel][k/2][nr][2]` bf16, the (k, k+1) pairs that `vdpbf16ps`
 //!   and AMX's `tdpbf16ps` multiply; with `nr = 16` and K padded to 32, each 32-deep K block of a
 //!   panel is exactly one AMX B tile (16 rows of 64 bytes).
@@ -72,6 +74,18 @@ pub(crate) fn layout_for(isa: Isa, dtype: DType) -> (BLayout, usize, usize, usiz
         (Isa::Avx512, DType::Bf16) => (BLayout::Bf16, 32, 1, 32),
         (Isa::Avx512Bf16, DType::Bf16) => (BLayout::Bf16Pairs, 32, 2, 32),
         (Isa::Amx, DType::Bf16) => (BLayout::Bf16Pairs, 16, 32, 32),
+    }
+}
+
+/// Where column `j` of an `nr`-column [`BLayout::Bf16`] panel row is stored: columns `j` and
+/// `j + nr/2` (`j < nr/2`) are the low and high halves of word `j`.
+#[inline(always)]
+pub(crate) fn bf16_slot(j: usize, nr: usize) -> usize {
+    let half = nr / 2;
+    if j < half {
+        2 * j
+    } else {
+        2 * (j - half) + 1
     }
 }
 
@@ -216,7 +230,7 @@ impl PackedB {
                     for k in 0..src.k {
                         for j in 0..nr {
                             if let Some(v) = at(k, columns[p * nr + j]) {
-                                out[(p * kp + k) * nr + j] = v.to_bf16_bits();
+                                out[(p * kp + k) * nr + bf16_slot(j, nr)] = v.to_bf16_bits();
                             }
                         }
                     }

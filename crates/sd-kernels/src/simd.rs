@@ -17,10 +17,12 @@ pub(crate) trait F32Vec: Copy {
     /// # Safety
     /// `p` is valid for reading `LANES` f32 (any alignment).
     unsafe fn load(p: *const f32) -> Self;
-    /// Loads `LANES` bf16 (as raw bits) and widens them exactly.
+    /// Loads `LANES` 32-bit words of two bf16 each (raw bits, the low half first in memory)
+    /// and widens them exactly: the low halves into the first vector, the high halves into
+    /// the second (a shift and a mask, no shuffle).
     /// # Safety
-    /// `p` is valid for reading `LANES` u16.
-    unsafe fn load_bf16(p: *const u16) -> Self;
+    /// `p` is valid for reading `2 * LANES` u16.
+    unsafe fn load_bf16_halves(p: *const u16) -> (Self, Self);
     /// # Safety
     /// `p` is valid for writing `LANES` f32.
     unsafe fn store(self, p: *mut f32);
@@ -74,10 +76,20 @@ impl<const L: usize> F32Vec for Emu<L> {
         Emu(unsafe { std::ptr::read_unaligned(p as *const [f32; L]) })
     }
     #[inline(always)]
-    unsafe fn load_bf16(p: *const u16) -> Self {
-        // SAFETY: the caller guarantees L readable u16.
-        let raw = unsafe { std::ptr::read_unaligned(p as *const [u16; L]) };
-        Emu(raw.map(bf16_bits_to_f32))
+    unsafe fn load_bf16_halves(p: *const u16) -> (Self, Self) {
+        let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
+        for (i, (l, h)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+            // SAFETY: the caller guarantees 2 * L readable u16.
+            let (a, b) = unsafe {
+                (
+                    p.add(2 * i).read_unaligned(),
+                    p.add(2 * i + 1).read_unaligned(),
+                )
+            };
+            *l = bf16_bits_to_f32(a);
+            *h = bf16_bits_to_f32(b);
+        }
+        (Emu(lo), Emu(hi))
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
@@ -168,12 +180,16 @@ mod x86 {
             Avx2Vec(unsafe { _mm256_loadu_ps(p) })
         }
         #[inline(always)]
-        unsafe fn load_bf16(p: *const u16) -> Self {
-            // SAFETY: 8 readable u16 (caller contract); AVX2 available.
+        unsafe fn load_bf16_halves(p: *const u16) -> (Self, Self) {
+            // SAFETY: 16 readable u16 (caller contract); AVX2 available.
             unsafe {
-                let h = _mm_loadu_si128(p as *const __m128i);
-                let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-                Avx2Vec(_mm256_castsi256_ps(w))
+                let w = _mm256_loadu_si256(p as *const __m256i);
+                let lo = _mm256_slli_epi32::<16>(w);
+                let hi = _mm256_and_si256(w, _mm256_set1_epi32(0xffff_0000_u32 as i32));
+                (
+                    Avx2Vec(_mm256_castsi256_ps(lo)),
+                    Avx2Vec(_mm256_castsi256_ps(hi)),
+                )
             }
         }
         #[inline(always)]
@@ -210,12 +226,16 @@ mod x86 {
             Avx512Vec(unsafe { _mm512_loadu_ps(p) })
         }
         #[inline(always)]
-        unsafe fn load_bf16(p: *const u16) -> Self {
-            // SAFETY: 16 readable u16 (caller contract); AVX-512F available.
+        unsafe fn load_bf16_halves(p: *const u16) -> (Self, Self) {
+            // SAFETY: 32 readable u16 (caller contract); AVX-512F available.
             unsafe {
-                let h = _mm256_loadu_si256(p as *const __m256i);
-                let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
-                Avx512Vec(_mm512_castsi512_ps(w))
+                let w = _mm512_loadu_si512(p as *const _);
+                let lo = _mm512_slli_epi32::<16>(w);
+                let hi = _mm512_and_si512(w, _mm512_set1_epi32(0xffff_0000_u32 as i32));
+                (
+                    Avx512Vec(_mm512_castsi512_ps(lo)),
+                    Avx512Vec(_mm512_castsi512_ps(hi)),
+                )
             }
         }
         #[inline(always)]

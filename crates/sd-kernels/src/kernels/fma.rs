@@ -1,6 +1,7 @@
 //! The FMA micro-kernel: `MR` rows x `NV` vectors of accumulators, one broadcast of A and `NV`
 //! loads of B per K step. f32 B panels are loaded as they are; bf16 panels are widened in
-//! registers (a shift), so bf16 weights stay bf16 in memory. Instances: portable (4 x 16),
+//! registers (a shift for one half of a word, a mask for the other), so bf16 weights stay
+//! bf16 in memory. Instances: portable (4 x 16),
 //! AVX2 (6 x 16), AVX-512 (12 x 32, also emulated with 16-lane arrays).
 
 use super::{prefetch, AFormat, Micro, TileArgs};
@@ -10,24 +11,26 @@ use crate::simd::{Emu, F32Vec};
 
 /// An element of a packed B panel.
 pub(crate) trait BElem {
+    /// The two vectors of columns `0..LANES` and `LANES..2 * LANES` of one K step of a panel
+    /// (bf16 panels hold them as interleaved halves, see `pack::bf16_slot`).
     /// # Safety
-    /// `p` is valid for `V::LANES` elements; the vector ISA is available.
-    unsafe fn load<V: F32Vec>(p: *const Self) -> V;
+    /// `p` is valid for `2 * V::LANES` elements; the vector ISA is available.
+    unsafe fn load_two<V: F32Vec>(p: *const Self) -> (V, V);
 }
 
 impl BElem for f32 {
     #[inline(always)]
-    unsafe fn load<V: F32Vec>(p: *const f32) -> V {
+    unsafe fn load_two<V: F32Vec>(p: *const f32) -> (V, V) {
         // SAFETY: forwarded caller contract.
-        unsafe { V::load(p) }
+        unsafe { (V::load(p), V::load(p.add(V::LANES))) }
     }
 }
 
 impl BElem for u16 {
     #[inline(always)]
-    unsafe fn load<V: F32Vec>(p: *const u16) -> V {
+    unsafe fn load_two<V: F32Vec>(p: *const u16) -> (V, V) {
         // SAFETY: forwarded caller contract.
-        unsafe { V::load_bf16(p) }
+        unsafe { V::load_bf16_halves(p) }
     }
 }
 
@@ -45,6 +48,7 @@ const PREFETCH_B_STEPS: usize = 16;
 /// tile with row stride `t.ldc`; the vector ISA is available.
 #[inline(always)]
 unsafe fn tile<V: F32Vec, B: BElem, const MR: usize, const NV: usize>(t: &TileArgs) {
+    const { assert!(NV.is_multiple_of(2), "B is loaded two vectors at a time") };
     let nr = NV * V::LANES;
     let a = t.a as *const f32;
     let b = t.b as *const B;
@@ -69,8 +73,8 @@ unsafe fn tile<V: F32Vec, B: BElem, const MR: usize, const NV: usize>(t: &TileAr
                 prefetch(ahead.wrapping_add(line));
             }
             let mut bv = [V::zero(); NV];
-            for (v, x) in bv.iter_mut().enumerate() {
-                *x = B::load::<V>(bk.add(v * V::LANES));
+            for (v, pair) in bv.chunks_exact_mut(2).enumerate() {
+                (pair[0], pair[1]) = B::load_two::<V>(bk.add(2 * v * V::LANES));
             }
             let ak = a.add(k * MR);
             for (i, row) in acc.iter_mut().enumerate() {
