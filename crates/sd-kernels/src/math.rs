@@ -1,30 +1,39 @@
 //! Branch-free f32 functions for the epilogues, written so that the compiler vectorizes the
 //! loops that call them (no table lookups, no data-dependent branches).
 
-/// `e^x` (Cephes-style: `x = n ln2 + r`, a degree-6 polynomial in r, then `2^n` by exponent
-/// bits). Relative error below 2e-7 on [-87, 88]; saturates to 0 / a huge value outside.
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split in two (`LN2_HI + LN2_LO`), so that `x - n ln2` loses no bits.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 * 2^23: adding it to a float below 2^22 in magnitude leaves the integer nearest to it
+/// in the low mantissa bits.
+const MAGIC: f32 = 12_582_912.0;
+
+/// `e^r` for `r = x - n ln2` in [-ln2/2, ln2/2] (`n` integral, as f32): a degree-6
+/// polynomial in fused multiply-adds (one instruction each where the caller's target has FMA,
+/// which halves the dependency chain that bounds the attention's softmax).
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.3, 88.7);
-    // Fused multiply-adds (one instruction each where the caller's target has FMA) halve the
-    // dependency chain, which bounds the attention's softmax.
-    let n = x.mul_add(LOG2E, 0.5).floor();
-    let r = (-n).mul_add(C2, (-n).mul_add(C1, x));
+fn exp_reduced(x: f32, n: f32) -> f32 {
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
     p = p.mul_add(r, 1.398_199_9e-3);
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 0.5);
-    let e = (p * r).mul_add(r, r) + 1.0;
-    // n is in [-126, 128]: 2^n as 2^n1 * 2^n2 with both halves normal numbers.
-    // n is an integer in [-126, 128]. Adding 1.5 * 2^23 places it in the low mantissa bits
-    // exactly; reading it back there keeps the loop vectorized (`as i32` saturates lane by
-    // lane in scalar code).
-    const MAGIC: f32 = 12_582_912.0;
+    (p * r).mul_add(r, r) + 1.0
+}
+
+/// `e^x` (Cephes-style: `x = n ln2 + r`, a degree-6 polynomial in r, then `2^n` by exponent
+/// bits). Relative error below 2e-7 on [-87, 88]; saturates to 0 / a huge value outside.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.7);
+    let n = x.mul_add(LOG2E, 0.5).floor();
+    let e = exp_reduced(x, n);
+    // n is an integer in [-126, 128]: 2^n as 2^n1 * 2^n2 with both halves normal numbers.
+    // Adding MAGIC places n in the low mantissa bits exactly; reading it back there keeps the
+    // loop vectorized (`as i32` saturates lane by lane in scalar code).
     let n = ((n + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let n1 = n >> 1;
     let n2 = n - n1;
@@ -40,22 +49,10 @@ pub fn exp(x: f32) -> f32 {
 /// operations against [`exp`]'s 27. Below -87.3 the result is exp(-87.3); NaN stays NaN.
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const C1: f32 = 0.693_359_4;
-    const C2: f32 = -2.121_944_4e-4;
-    const MAGIC: f32 = 12_582_912.0;
     let x = if x < -87.3 { -87.3 } else { x };
     // t's low mantissa bits hold n = round(x * log2(e)) exactly (|n| < 2^22).
     let t = x.mul_add(LOG2E, MAGIC);
-    let n = t - MAGIC;
-    let r = (-n).mul_add(C2, (-n).mul_add(C1, x));
-    let mut p = 1.987_569_1e-4_f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
-    let e = (p * r).mul_add(r, r) + 1.0;
+    let e = exp_reduced(x, t - MAGIC);
     // (bits(t) - bits(MAGIC) + 127) << 23, the exponent field of 2^n, in wrapping u32.
     let bias = 127u32.wrapping_sub(MAGIC.to_bits()) << 23;
     e * f32::from_bits((t.to_bits() << 23).wrapping_add(bias))
