@@ -369,10 +369,10 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                 for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
                     let rows = mr.min(mc - t * mr);
                     for (i, row) in words.chunks_exact_mut(k).take(rows).enumerate() {
-                        a.row_runs(m0 + t * mr + i, &mut found);
+                        row_run_slices(a, m0 + t * mr + i, runs, &mut found);
                         for (&(k0, run_len), x) in runs.iter().zip(&found) {
                             let dst = &mut row[k0..k0 + run_len];
-                            match x.and_then(|x| x.get(..run_len)) {
+                            match x {
                                 Some(x) => T::to_f32_slice(x, dst),
                                 None => dst.fill(0.0),
                             }
@@ -399,15 +399,12 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                 for (t, panel) in out.chunks_exact_mut(mr * kp).enumerate() {
                     let rows = mr.min(mc - t * mr);
                     for (i, row_runs) in found.chunks_exact_mut(n_runs).take(rows).enumerate() {
-                        a.row_runs(m0 + t * mr + i, row_runs);
+                        row_run_slices(a, m0 + t * mr + i, &runs, row_runs);
                     }
                     for (r, &(k0, run_len)) in runs.iter().enumerate() {
                         let mut refs: [&[f32]; MAX_MR] = [&[]; MAX_MR];
                         for (i, d) in refs.iter_mut().take(rows).enumerate() {
-                            let run = found[i * n_runs + r];
-                            debug_assert!(run.is_none_or(|x| x.len() >= run_len));
-                            *d = run
-                                .and_then(|x| x.get(..run_len))
+                            *d = found[i * n_runs + r]
                                 .and_then(T::as_f32)
                                 .unwrap_or(&zeros[..run_len]);
                         }
@@ -472,10 +469,10 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                         pair_words(row, dst);
                         continue;
                     };
-                    a.row_runs(m0 + t * mr + i, &mut found);
+                    row_run_slices(a, m0 + t * mr + i, runs, &mut found);
                     for (&(k0, run_len), x) in runs.iter().zip(&found) {
                         let d = &mut dst[k0 / 2..(k0 + run_len) / 2];
-                        match x.and_then(|x| x.get(..run_len)) {
+                        match x {
                             Some(x) => pair_words(x, d),
                             None => d.fill(0),
                         }
@@ -501,9 +498,9 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                 };
                 // The runs of a convolution row, copied from where they lie (padding runs
                 // stay zero).
-                a.row_runs(m0 + r, &mut found);
+                row_run_slices(a, m0 + r, runs, &mut found);
                 for (&(k0, run_len), x) in runs.iter().zip(&found) {
-                    if let Some(x) = x.and_then(|x| x.get(..run_len)) {
+                    if let Some(x) = *x {
                         for (o, v) in dst[k0..k0 + run_len].iter_mut().zip(x) {
                             *o = bf16_bits(*v);
                         }
@@ -516,6 +513,24 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
             *buf = ABuf::new(micro.a_format);
             pack_a(a, k, kp, m0, mc, micro, buf, tile, gather)
         }
+    }
+}
+
+/// The runs of row `m` ([`ARows::row_runs`]), each cut to its length from `runs`: `None` is
+/// zeros (padding).
+fn row_run_slices<'s, T, A: ARows<T>>(
+    a: &'s A,
+    m: usize,
+    runs: &[(usize, usize)],
+    out: &mut [Option<&'s [T]>],
+) {
+    a.row_runs(m, out);
+    for (x, &(_, len)) in out.iter_mut().zip(runs) {
+        debug_assert!(
+            x.is_none_or(|x| x.len() >= len),
+            "a run shorter than its length"
+        );
+        *x = x.and_then(|x| x.get(..len));
     }
 }
 
