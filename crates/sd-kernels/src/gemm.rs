@@ -132,6 +132,50 @@ pub(crate) trait ARows<T>: Sync {
         let _ = m;
         out.fill(None);
     }
+    /// Rows already packed as f32 panels of `mr` rows (`[row / mr][k][mr]`, the last panel
+    /// padded to `mr` rows), with their `mr`: a kernel that reads [`AFormat::F32Panels`] with
+    /// that MR reads them in place instead of packing.
+    fn prepacked(&self) -> Option<(&[f32], usize)> {
+        None
+    }
+}
+
+/// The MR of the kernel that runs `b`, when it reads A as f32 panels ([`ARows::prepacked`]).
+pub(crate) fn f32_panel_rows(b: &PackedB, emulate: bool) -> Option<usize> {
+    let micro = Micro::select(b.isa, b.dtype, emulate);
+    (micro.a_format == AFormat::F32Panels).then_some(micro.mr)
+}
+
+/// A left-hand matrix of `rows x k` already in the f32 panel format of a kernel with `mr` rows
+/// ([`ARows::prepacked`]); `T` is the operand type of the product it enters.
+pub(crate) struct PanelRows<'a, T> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub k: usize,
+    pub mr: usize,
+    pub operand: std::marker::PhantomData<T>,
+}
+
+impl<T: Element> ARows<T> for PanelRows<'_, T> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Gathered from the panels (used only by a kernel that cannot read them in place).
+    fn row<'s>(&'s self, m: usize, buf: &'s mut [T]) -> &'s [T] {
+        let panel = &self.data[(m / self.mr) * self.k * self.mr..][..self.k * self.mr];
+        let lane = m % self.mr;
+        let mut chunk = [0f32; 64];
+        for (i, dst) in buf.chunks_mut(64).enumerate() {
+            for (j, c) in chunk.iter_mut().take(dst.len()).enumerate() {
+                *c = panel[(i * 64 + j) * self.mr + lane];
+            }
+            T::from_f32_slice(&chunk[..dst.len()], dst);
+        }
+        buf
+    }
+    fn prepacked(&self) -> Option<(&[f32], usize)> {
+        Some((self.data, self.mr))
+    }
 }
 
 impl<T: Element> ARows<T> for AMatrix<'_, T> {
@@ -157,6 +201,52 @@ pub(crate) fn gemm_rows<T: Element, O: Element, A: ARows<T>>(
     epi: &Epilogue<'_, O>,
     row_bias: Option<RowBias<'_>>,
 ) -> Result<(), KernelError> {
+    gemm_core(opts, a, b, c, ldc, epi, row_bias, false)
+}
+
+/// `C = A . B` in f32 with the kernel accumulating in C itself: no scratch block and no
+/// epilogue pass. C must hold every stored column of B (N a multiple of the panel width) and
+/// the rows up to a multiple of the kernel's MR (`rows.div_ceil(mr) * mr` rows of `ldc`): the
+/// last micro-tile writes them whole.
+pub(crate) fn gemm_rows_in_place<T: Element, A: ARows<T>>(
+    opts: &GemmOptions,
+    a: &A,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<(), KernelError> {
+    let mr = Micro::select(b.isa, b.dtype, opts.emulate).mr;
+    let stored = b.stored_columns();
+    let rows = a.rows().div_ceil(mr) * mr;
+    if b.geglu || stored != b.n || ldc < stored {
+        return Err(KernelError::new(format!(
+            "an in-place product needs N ({}) to be a whole number of {}-column panels and \
+             the row stride ({ldc}) to hold them, without GEGLU",
+            b.n, b.nr
+        )));
+    }
+    need(
+        c.len(),
+        rows,
+        ldc,
+        stored,
+        "C (rows padded to the kernel's MR)",
+    )?;
+    gemm_core(opts, a, b, c, ldc, &Epilogue::default(), None, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_core<T: Element, O: Element, A: ARows<T>>(
+    opts: &GemmOptions,
+    a: &A,
+    b: &PackedB,
+    c: &mut [O],
+    ldc: usize,
+    epi: &Epilogue<'_, O>,
+    row_bias: Option<RowBias<'_>>,
+    in_place: bool,
+) -> Result<(), KernelError> {
+    debug_assert!(!in_place || O::DTYPE == crate::DType::F32);
     if T::DTYPE != b.dtype {
         return Err(KernelError::new(format!(
             "operands are {:?} but B was packed for {:?}",
@@ -215,7 +305,11 @@ pub(crate) fn gemm_rows<T: Element, O: Element, A: ARows<T>>(
     let job = |rows: Range<usize>, cols: Range<usize>| {
         // SAFETY: the parts are disjoint (rows x columns) and inside C (checked above), so no
         // two workers write the same element.
-        unsafe { worker(&micro, a, b, c_ptr, ldc, epi, row_bias, rows, cols) }
+        unsafe {
+            worker(
+                &micro, a, b, c_ptr, ldc, epi, row_bias, rows, cols, in_place,
+            )
+        }
     };
     if parts.len() == 1 {
         let (rows, cols) = parts[0].clone();
@@ -661,6 +755,7 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
     row_bias: Option<RowBias<'_>>,
     rows: Range<usize>,
     cols: Range<usize>,
+    in_place: bool,
 ) {
     let (mr, nr) = (micro.mr, micro.nr);
     let kp = b.kp;
@@ -700,12 +795,26 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
         // SAFETY: the kernel was selected natively, so its ISA is available.
         unsafe { begin() };
     }
+    // Panels the kernel reads in place: its format and MR, and whole panels for every row.
+    let prepacked = a.prepacked().and_then(|(data, pmr)| {
+        let whole = a.rows().div_ceil(mr) * mr * kp;
+        (micro.a_format == AFormat::F32Panels && pmr == mr && kp == b.k && data.len() >= whole)
+            .then_some(data)
+    });
+    debug_assert!(rows.start.is_multiple_of(mr) && mc_max.is_multiple_of(mr));
     let mut m0 = rows.start;
     while m0 < rows.end {
         let mc = mc_max.min(rows.end - m0);
         let mc_pad = mc.div_ceil(mr) * mr;
-        pack_a(a, b.k, kp, m0, mc, micro, abuf, tile, &mut gather);
-        let (a_base, a_elem) = abuf.base();
+        let (a_base, a_elem) = match prepacked {
+            // SAFETY: m0 is a multiple of MR (row ranges and MC are), so the block's panels
+            // start at m0 * kp, inside the data (checked above).
+            Some(data) => (unsafe { data.as_ptr().add(m0 * kp) } as *const u8, 4),
+            None => {
+                pack_a(a, b.k, kp, m0, mc, micro, abuf, tile, &mut gather);
+                abuf.base()
+            }
+        };
         let mut c0 = cols.start;
         while c0 < cols.end {
             let nc = nc_max.min(cols.end - c0);
@@ -727,9 +836,15 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
                             // SAFETY: b_off is inside the packed B (debug-checked above).
                             b: unsafe { b_base.add(b_off * b_elem) },
                             b_panel_stride: kp * b.nr,
-                            // SAFETY: the tile lies inside the scratch block.
-                            c: unsafe { scratch.as_mut_ptr().add(ir * nc_max + jr) },
-                            ldc: nc_max,
+                            c: if in_place {
+                                // SAFETY: in place, C holds the padded rows and every stored
+                                // column (checked by `gemm_rows_in_place`), and O is f32.
+                                unsafe { (c.0 as *mut f32).add((m0 + ir) * ldc + c0 + jr) }
+                            } else {
+                                // SAFETY: the tile lies inside the scratch block.
+                                unsafe { scratch.as_mut_ptr().add(ir * nc_max + jr) }
+                            },
+                            ldc: if in_place { ldc } else { nc_max },
                             accumulate: pc > 0,
                         };
                         // SAFETY: the tile arguments satisfy the kernel's contract.
@@ -737,6 +852,10 @@ unsafe fn worker<T: Element, O: Element, A: ARows<T>>(
                     }
                 }
                 pc += kc;
+            }
+            if in_place {
+                c0 += nc;
+                continue;
             }
             // SAFETY: forwarded: this part's rows and columns of C are ours alone.
             let block = ScratchBlock {

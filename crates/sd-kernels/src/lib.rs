@@ -1,7 +1,8 @@
 //! CPU kernels for sd-rs on plain slices: ISA detection and run-time dispatch ([`isa`]), a
 //! GEMM whose right-hand side is packed once ([`PackedB`], [`gemm`]) with fused epilogues
-//! (bias, scale, SiLU / GELU / quick-GELU / GEGLU, residual add, bf16 rounding), and
-//! vectorized bf16 <-> f32 conversion ([`convert`]).
+//! (bias, scale, SiLU / GELU / quick-GELU / GEGLU, residual add, bf16 rounding), convolutions
+//! on it (implicit GEMM, [`conv2d`]; Winograd F(2x2, 3x3) for large images,
+//! [`conv2d_winograd`]), and vectorized bf16 <-> f32 conversion ([`convert`]).
 //!
 //! This crate knows no model and no tensor library: sd-nn glues it to candle.
 //!
@@ -32,6 +33,7 @@ pub mod math;
 mod norm;
 mod pack;
 mod simd;
+mod winograd;
 
 pub use attention::{attention, AttentionParams, AttentionShape};
 pub use conv::{conv2d, pack_conv_weight, ConvEpilogue, ConvGeometry, ConvInput};
@@ -40,6 +42,7 @@ pub use gemm::{default_threads, gemm, gemm_with, AMatrix, GemmOptions};
 pub use isa::Isa;
 pub use norm::{group_norm, GroupNormParams};
 pub use pack::{BLayout, BSource, DType, PackSource, PackedB};
+pub use winograd::{conv2d_winograd, winograd_applies, winograd_pays, WinogradWeight};
 
 /// A kernel call that cannot run: shapes, lengths or types that do not fit, or a path the host
 /// lacks. The message says what was given and what was expected.

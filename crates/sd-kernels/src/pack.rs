@@ -308,6 +308,24 @@ impl PackedB {
         }
     }
 
+    /// Element `(k, n)` of the matrix that was packed (as stored: bf16 layouts hold it
+    /// rounded). Not for GEGLU packings (`None`), nor outside `K x N`.
+    pub(crate) fn get(&self, k: usize, n: usize) -> Option<f32> {
+        if self.geglu || k >= self.k || n >= self.n {
+            return None;
+        }
+        let (p, j) = (n / self.nr, n % self.nr);
+        match (&self.data, self.layout) {
+            (BData::F32(v), _) => v.get((p * self.kp + k) * self.nr + j).copied(),
+            (BData::Bf16(v), BLayout::Bf16) => v
+                .get((p * self.kp + k) * self.nr + bf16_slot(j, self.nr))
+                .map(|b| bf16::from_bits(*b).to_f32()),
+            (BData::Bf16(v), _) => v
+                .get(p * self.kp * self.nr + ((k / 2) * self.nr + j) * 2 + k % 2)
+                .map(|b| bf16::from_bits(*b).to_f32()),
+        }
+    }
+
     /// Stored columns (panels x nr, value and gate panels both counted).
     pub(crate) fn stored_columns(&self) -> usize {
         self.panels * self.nr

@@ -9,8 +9,9 @@ mod common;
 use common::values;
 use half::bf16;
 use sd_kernels::{
-    conv2d, group_norm, pack_conv_weight, Activation, ConvEpilogue, ConvGeometry, ConvInput, DType,
-    Element, GemmOptions, GroupNormParams, Isa,
+    conv2d, conv2d_winograd, group_norm, pack_conv_weight, winograd_applies, Activation,
+    ConvEpilogue, ConvGeometry, ConvInput, DType, Element, GemmOptions, GroupNormParams, Isa,
+    WinogradWeight,
 };
 
 #[derive(Debug, Clone)]
@@ -181,12 +182,20 @@ fn reference(
     (out, mag, (oh, ow))
 }
 
+/// Which convolution a run checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algo {
+    Direct,
+    Winograd,
+}
+
 /// The largest error of one run as a multiple of its allowance.
 fn run<T: Element + Copy>(
     c: &Case,
     isa: Isa,
     emulate: bool,
     threads: usize,
+    algo: Algo,
     from: fn(f32) -> T,
     to: fn(T) -> f32,
 ) -> f64 {
@@ -245,35 +254,75 @@ fn run<T: Element + Copy>(
         threads: Some(threads),
         emulate,
     };
-    conv2d(&opts, input, &g, &packed, &mut out, &epi).expect("runs");
+    match algo {
+        Algo::Direct => conv2d(&opts, input, &g, &packed, &mut out, &epi).expect("runs"),
+        Algo::Winograd => {
+            let wino = WinogradWeight::from_conv_weight(&packed, cin).expect("transforms");
+            conv2d_winograd(&opts, input, &g, &wino, &mut out, &epi).expect("runs");
+        }
+    }
     let out_rel = if dtype == DType::Bf16 {
         1.0 / 256.0
     } else {
         0.0
     };
+    // Winograd's transformed weights are rounded to the packing's type: for bf16 that is a
+    // relative 2^-9 on each, which the transforms (row sums of |A^T|, |G|: 3, 1.5) can grow.
+    let weight_rel = match (algo, dtype) {
+        (Algo::Winograd, DType::Bf16) => WINOGRAD_BF16_WEIGHT_REL,
+        _ => 0.0,
+    };
     let mut worst = 0f64;
     for ((got, want), mag) in out.iter().zip(&want).zip(&mag) {
         // f32 accumulation error, plus one rounding of the output for bf16.
-        let allowed = 1e-5 * (mag + 1.0) + out_rel * want.abs();
+        let allowed = (1e-5 + weight_rel) * (mag + 1.0) + out_rel * want.abs();
         worst = worst.max((to(*got) as f64 - want).abs() / allowed);
     }
     worst
 }
 
+/// The allowance for bf16 Winograd's rounded transformed weights (and, for the kernels that
+/// read A as bf16, its rounded transformed input), relative to sum |x w|: the cases below
+/// needed at most 1.16e-3 on the f32-panel kernels and 1.28e-3 on `avx512bf16` (about half of
+/// bf16's unit roundoff), so 2.5e-3 leaves a factor of two. f32 Winograd stays within 0.011
+/// of the direct convolution's allowance (the direct one within 0.013).
+const WINOGRAD_BF16_WEIGHT_REL: f64 = 2.5e-3;
+
+/// Every case with the direct convolution, and the 3x3 stride-1 padding-1 ones with Winograd
+/// F(2x2, 3x3) too. `SD_TEST_PRINT_ERRORS=1` prints each run's worst error as a fraction of
+/// its allowance.
 fn check_path(isa: Isa, emulate: bool) {
     let label = if emulate { "emulated" } else { "native" };
     for (ci, c) in cases().iter().enumerate() {
-        for threads in [1, 2] {
-            let e32 = run::<f32>(c, isa, emulate, threads, |x| x, |x| x);
-            assert!(
-                e32 <= 1.0,
-                "{isa} {label} f32 case {ci} {c:?} threads {threads}: error {e32:.2} x allowed"
-            );
-            let e16 = run::<bf16>(c, isa, emulate, threads, bf16::from_f32, bf16::to_f32);
-            assert!(
-                e16 <= 1.0,
-                "{isa} {label} bf16 case {ci} {c:?} threads {threads}: error {e16:.2} x allowed"
-            );
+        let g = ConvGeometry {
+            batch: c.batch,
+            in_h: c.h,
+            in_w: c.w,
+            resize: c.resize,
+            kernel: c.kernel,
+            stride: c.stride,
+            pad: c.pad,
+        };
+        let mut algos = vec![Algo::Direct];
+        if winograd_applies(&g) {
+            algos.push(Algo::Winograd);
+        }
+        for algo in algos {
+            for threads in [1, 2] {
+                let e32 = run::<f32>(c, isa, emulate, threads, algo, |x| x, |x| x);
+                assert!(
+                    e32 <= 1.0,
+                    "{isa} {label} {algo:?} f32 case {ci} {c:?} threads {threads}: error {e32:.2} x allowed"
+                );
+                let e16 = run::<bf16>(c, isa, emulate, threads, algo, bf16::from_f32, bf16::to_f32);
+                assert!(
+                    e16 <= 1.0,
+                    "{isa} {label} {algo:?} bf16 case {ci} {c:?} threads {threads}: error {e16:.2} x allowed"
+                );
+                if std::env::var_os("SD_TEST_PRINT_ERRORS").is_some() {
+                    eprintln!("{isa} {label} {algo:?} case {ci} threads {threads}: f32 {e32:.3} bf16 {e16:.3}");
+                }
+            }
         }
     }
 }
@@ -401,6 +450,69 @@ fn conv_bad_calls_are_errors() {
     assert!(tiny.out_size().is_err());
     let zero = ConvGeometry { stride: 0, ..g };
     assert!(zero.out_size().is_err());
+
+    // Winograd: the same checks, and only 3x3 weights and stride-1 padding-1 geometries.
+    let wino = WinogradWeight::from_conv_weight(&packed, 4).expect("transforms");
+    assert_eq!((wino.in_channels(), wino.out_channels()), (4, 8));
+    assert!(WinogradWeight::from_conv_weight(&packed, 3).is_err());
+    let point = pack_conv_weight(&w[..32], 8, 4, 1, Isa::Generic, DType::F32).expect("packs");
+    assert!(WinogradWeight::from_conv_weight(&point, 4).is_err());
+    let none = ConvEpilogue::default();
+    assert!(conv2d_winograd(&opts, input, &g, &wino, &mut out, &none).is_ok());
+    assert!(conv2d_winograd(&opts, short, &g, &wino, &mut out, &none).is_err());
+    assert!(conv2d_winograd(&opts, input, &g, &wino, &mut out[1..], &none).is_err());
+    assert!(conv2d_winograd(&opts, three, &g, &wino, &mut out, &none).is_err());
+    let epi = ConvEpilogue {
+        residual: Some(&r[..]),
+        ..ConvEpilogue::default()
+    };
+    assert!(conv2d_winograd(&opts, input, &g, &wino, &mut out, &epi).is_err());
+    let epi = ConvEpilogue {
+        batch_bias: Some(&bb[..]),
+        ..ConvEpilogue::<f32>::default()
+    };
+    assert!(conv2d_winograd(&opts, input, &g, &wino, &mut out, &epi).is_err());
+    let epi = ConvEpilogue {
+        bias: Some(&bb[..]),
+        ..ConvEpilogue::<f32>::default()
+    };
+    assert!(conv2d_winograd(&opts, input, &g, &wino, &mut out, &epi).is_err());
+    let strided = ConvGeometry { stride: 2, ..g };
+    assert!(!winograd_applies(&strided));
+    let mut out2 = vec![0f32; 2 * 2 * 8];
+    assert!(conv2d_winograd(&opts, input, &strided, &wino, &mut out2, &none).is_err());
+    let unpadded = ConvGeometry { pad: [0; 4], ..g };
+    assert!(conv2d_winograd(&opts, input, &unpadded, &wino, &mut out2, &none).is_err());
+    let bf = vec![half::bf16::ZERO; x.len()];
+    let mut bf_out = vec![half::bf16::ZERO; out.len()];
+    let bf_input = ConvInput {
+        x: &bf,
+        channels: 4,
+        concat: None,
+    };
+    assert!(conv2d_winograd(
+        &opts,
+        bf_input,
+        &g,
+        &wino,
+        &mut bf_out,
+        &ConvEpilogue::default()
+    )
+    .is_err());
+    // Too few tiles, channels: the direct convolution is kept. 256 tiles of 64 channels in
+    // f32 take Winograd; in bf16 they do not (its transformed weights would be rounded).
+    assert!(!sd_kernels::winograd_pays(&g, &packed));
+    let w64 = vec![0f32; 64 * 64 * 9];
+    let big = ConvGeometry {
+        in_h: 32,
+        in_w: 32,
+        ..g
+    };
+    for (dtype, pays) in [(DType::F32, true), (DType::Bf16, false)] {
+        let p = pack_conv_weight(&w64, 64, 64, 3, Isa::Generic, dtype).expect("packs");
+        assert_eq!(sd_kernels::winograd_pays(&big, &p), pays, "{dtype:?}");
+        assert!(!sd_kernels::winograd_pays(&strided, &p));
+    }
 }
 
 /// Group norm (+ SiLU) against f64 statistics: f32 within 4 f32 roundings of the folded

@@ -155,6 +155,9 @@ struct PackedConv {
     b: sd_kernels::PackedB,
     bias: Vec<f32>,
     dtype: DType,
+    /// The weight transformed for Winograd F(2x2, 3x3), made on the first call that takes that
+    /// path (`None` if the transform failed: the direct convolution stays).
+    winograd: std::sync::OnceLock<Option<sd_kernels::WinogradWeight>>,
 }
 
 impl std::fmt::Debug for ConvKind {
@@ -236,6 +239,7 @@ impl Conv2d {
                 b,
                 bias: f32_vec(&bias)?,
                 dtype: weight.dtype(),
+                winograd: std::sync::OnceLock::new(),
             })),
             None => ConvKind::Plain {
                 weight,
@@ -339,8 +343,20 @@ impl Conv2d {
         let rv = residual.as_ref().map(CpuView::new).transpose()?;
         let n = b * oh * ow * self.out_channels;
         let shape = (b, oh, ow, self.out_channels);
+        // Winograd where it pays (large images, see `winograd_pays`); its weight is made once.
+        let winograd = if sd_kernels::winograd_pays(&geom, &p.b) {
+            p.winograd
+                .get_or_init(|| {
+                    sd_kernels::WinogradWeight::from_conv_weight(&p.b, self.in_channels).ok()
+                })
+                .as_ref()
+        } else {
+            None
+        };
+        #[allow(clippy::too_many_arguments)]
         fn run<T: sd_kernels::Element + candle_core::WithDType>(
             p: &PackedConv,
+            winograd: Option<&sd_kernels::WinogradWeight>,
             geom: &sd_kernels::ConvGeometry,
             x: &CpuView<'_>,
             in_channels: usize,
@@ -360,26 +376,44 @@ impl Conv2d {
                 channels: in_channels,
                 concat: None,
             };
-            sd_kernels::conv2d(&Default::default(), input, geom, &p.b, &mut out, &epi).map_err(
-                |e| {
-                    sd_core::Error::invalid_argument(
-                        "convolution",
-                        e.to_string(),
-                        "matching shapes",
-                    )
-                },
-            )?;
+            let done = match winograd {
+                Some(w) => {
+                    sd_kernels::conv2d_winograd(&Default::default(), input, geom, w, &mut out, &epi)
+                }
+                None => sd_kernels::conv2d(&Default::default(), input, geom, &p.b, &mut out, &epi),
+            };
+            done.map_err(|e| {
+                sd_core::Error::invalid_argument("convolution", e.to_string(), "matching shapes")
+            })?;
             Ok(out)
         }
         let dev = x.device();
         let bb = batch_bias.as_deref();
         Ok(match p.dtype {
             DType::BF16 => {
-                let out = run::<half::bf16>(p, &geom, &xv, self.in_channels, rv.as_ref(), bb, n)?;
+                let out = run::<half::bf16>(
+                    p,
+                    winograd,
+                    &geom,
+                    &xv,
+                    self.in_channels,
+                    rv.as_ref(),
+                    bb,
+                    n,
+                )?;
                 Tensor::from_vec(out, shape, dev)?
             }
             _ => {
-                let out = run::<f32>(p, &geom, &xv, self.in_channels, rv.as_ref(), bb, n)?;
+                let out = run::<f32>(
+                    p,
+                    winograd,
+                    &geom,
+                    &xv,
+                    self.in_channels,
+                    rv.as_ref(),
+                    bb,
+                    n,
+                )?;
                 Tensor::from_vec(out, shape, dev)?
             }
         })
