@@ -39,6 +39,11 @@ pub trait Element: crate::PackSource + Send + Sync + 'static {
         let _ = src;
         None
     }
+    /// The same, writable.
+    fn as_f32_mut(dst: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = dst;
+        None
+    }
 }
 
 impl Element for f32 {
@@ -52,6 +57,9 @@ impl Element for f32 {
     }
     fn as_f32(src: &[f32]) -> Option<&[f32]> {
         Some(src)
+    }
+    fn as_f32_mut(dst: &mut [f32]) -> Option<&mut [f32]> {
+        Some(dst)
     }
 }
 
@@ -117,6 +125,33 @@ pub(crate) fn apply_row<T: Element>(
     out: &mut [T],
 ) {
     let w = out.len();
+    // f32 out with at most a bias and a residual: one pass, in the order of the general path
+    // ((acc + bias) + residual), straight into C.
+    if gate.is_none() && epi.scale == 1.0 && epi.activation == Activation::Identity {
+        let res = residual.map(|r| T::as_f32(&r[..w]));
+        if let (Some(o), None | Some(Some(_))) = (T::as_f32_mut(out), res) {
+            let acc = &acc[..w];
+            match (epi.bias.map(|b| &b[col0..col0 + w]), res.flatten()) {
+                (Some(b), Some(r)) => {
+                    for (((o, a), b), r) in o.iter_mut().zip(acc).zip(b).zip(r) {
+                        *o = (*a + *b) + *r;
+                    }
+                }
+                (Some(b), None) => {
+                    for ((o, a), b) in o.iter_mut().zip(acc).zip(b) {
+                        *o = *a + *b;
+                    }
+                }
+                (None, Some(r)) => {
+                    for ((o, a), r) in o.iter_mut().zip(acc).zip(r) {
+                        *o = *a + *r;
+                    }
+                }
+                (None, None) => o.copy_from_slice(acc),
+            }
+            return;
+        }
+    }
     let tmp = &mut tmp[..w];
     tmp.copy_from_slice(&acc[..w]);
     if let Some(bias) = epi.bias {

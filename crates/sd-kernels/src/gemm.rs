@@ -476,7 +476,7 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                     for (d, row) in refs.iter_mut().zip(words.chunks_exact(k)).take(rows) {
                         *d = row;
                     }
-                    interleave_rows(&refs[..mr], rows, k, panel);
+                    interleave_rows(&refs[..mr], rows, k, panel, micro.epilogue_isa);
                 }
                 return;
             }
@@ -503,7 +503,7 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                                 .unwrap_or(&zeros[..run_len]);
                         }
                         let dst = &mut panel[k0 * mr..(k0 + run_len) * mr];
-                        interleave_rows(&refs[..mr], rows, run_len, dst);
+                        interleave_rows(&refs[..mr], rows, run_len, dst, micro.epilogue_isa);
                     }
                     panel[k * mr..].fill(0.0);
                 }
@@ -532,7 +532,7 @@ pub(crate) fn pack_a<T: Element, A: ARows<T>>(
                         }
                     };
                 }
-                interleave_rows(&refs[..mr], rows, k, panel);
+                interleave_rows(&refs[..mr], rows, k, panel, micro.epilogue_isa);
             }
         }
         (AFormat::Bf16PairPanels, ABuf::Pairs(out)) => {
@@ -642,8 +642,9 @@ const MAX_MR: usize = 16;
 
 /// Interleaves the first `live` of `rows` (MR row slices of at least `k` words) into a panel
 /// of `dst.len() / MR` groups of MR words: group `c < k` holds word `c` of each row (zero for
-/// rows from `live` on), the groups from `k` on (K padding) are zero.
-fn interleave_rows(rows: &[&[f32]], live: usize, k: usize, dst: &mut [f32]) {
+/// rows from `live` on), the groups from `k` on (K padding) are zero. `isa` is the path the
+/// kernel runs natively (whole 12-row tiles go through registers on AVX-512).
+fn interleave_rows(rows: &[&[f32]], live: usize, k: usize, dst: &mut [f32], isa: Isa) {
     #[inline(always)]
     fn fixed<const MR: usize>(rows: &[&[f32]], live: usize, k: usize, dst: &mut [f32]) {
         const EMPTY: &[f32] = &[];
@@ -669,6 +670,19 @@ fn interleave_rows(rows: &[&[f32]], live: usize, k: usize, dst: &mut [f32]) {
     }
     let mr = rows.len();
     debug_assert!(live <= mr && dst.len() >= k * mr && dst.len().is_multiple_of(mr));
+    #[cfg(target_arch = "x86_64")]
+    if mr == crate::kernels::interleave::ROWS
+        && live == mr
+        && matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
+    {
+        let (body, pad) = dst.split_at_mut(k * mr);
+        // SAFETY: the kernel of this ISA runs natively (its micro-kernel was selected for it,
+        // not emulated), so AVX-512F is available.
+        unsafe { crate::kernels::interleave::interleave12_avx512(rows, k, body) };
+        pad.fill(0.0);
+        return;
+    }
+    let _ = isa;
     match mr {
         12 => fixed::<12>(rows, live, k, dst),
         6 => fixed::<6>(rows, live, k, dst),

@@ -2,7 +2,8 @@
 //! loads of B per K step. f32 B panels are loaded as they are; bf16 panels are widened in
 //! registers (a shift for one half of a word, a mask for the other), so bf16 weights stay
 //! bf16 in memory. Instances: portable (4 x 16),
-//! AVX2 (6 x 16), AVX-512 (12 x 32, also emulated with 16-lane arrays).
+//! AVX2 (6 x 16), AVX-512 (12 x 32, also emulated with 16-lane arrays; in f32 natively the
+//! assembly of `fma_asm.rs`, which computes the same tile in the same order).
 
 use super::{prefetch, AFormat, Micro, TileArgs};
 use crate::isa::Isa;
@@ -39,7 +40,7 @@ impl BElem for u16 {
 /// hardware prefetchers fill L2, not L1: prefetching 16 steps (2 KiB) ahead made a 640 -> 640
 /// convolution at 32x32 about 7-15% faster on one thread (interleaved runs; 8 to 32 steps
 /// were alike, prefetching A gained nothing).
-const PREFETCH_B_STEPS: usize = 16;
+pub(crate) const PREFETCH_B_STEPS: usize = 16;
 
 /// The kernel body, instantiated per vector type inside `#[target_feature]` wrappers.
 ///
@@ -158,11 +159,6 @@ mod x86 {
         unsafe { tile::<Avx2Vec, u16, 6, 2>(t) }
     }
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub(super) unsafe fn avx512_f32(t: &TileArgs) {
-        // SAFETY: forwarded contract; AVX-512F enabled on this function.
-        unsafe { tile::<Avx512Vec, f32, 12, 2>(t) }
-    }
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn avx512_bf16(t: &TileArgs) {
         // SAFETY: forwarded contract; AVX-512F enabled on this function.
         unsafe { tile::<Avx512Vec, u16, 12, 2>(t) }
@@ -188,7 +184,8 @@ pub(crate) fn avx512(dtype: DType) -> Micro {
     #[cfg(target_arch = "x86_64")]
     {
         let run = match dtype {
-            DType::F32 => x86::avx512_f32 as unsafe fn(&TileArgs),
+            // f32 in assembly (embedded broadcasts), bf16 widened by the intrinsics body.
+            DType::F32 => super::fma_asm::avx512_f32 as unsafe fn(&TileArgs),
             DType::Bf16 => x86::avx512_bf16,
         };
         micro(12, 32, run, Isa::Avx512)

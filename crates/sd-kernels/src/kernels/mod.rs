@@ -6,6 +6,9 @@
 pub(crate) mod amx;
 pub(crate) mod dot_bf16;
 pub(crate) mod fma;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod fma_asm;
+pub(crate) mod interleave;
 
 use crate::isa::Isa;
 use crate::pack::DType;
