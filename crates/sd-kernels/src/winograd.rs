@@ -25,7 +25,7 @@ use crate::gemm::{
     default_threads, f32_panel_rows, gemm_rows, gemm_rows_in_place, GemmOptions, PanelRows,
 };
 use crate::isa::Isa;
-use crate::pack::{BSource, DType, PackedB};
+use crate::pack::{BData, BLayout, BSource, DType, PackedB};
 use crate::KernelError;
 
 /// Positions of a transformed tile.
@@ -84,6 +84,15 @@ impl WinogradWeight {
                 if w.geglu { " packed for GEGLU" } else { "" }
             )));
         }
+        if let (BLayout::F32, BData::F32(src)) = (w.layout, &w.data) {
+            return Ok(Self::from_f32_panels(w, src, in_channels));
+        }
+        Self::from_any_layout(w, in_channels)
+    }
+
+    /// The transform of any packing, element by element in f64 (the reference of
+    /// [`Self::from_f32_panels`], and the path of bf16 packings).
+    fn from_any_layout(w: &PackedB, in_channels: usize) -> Result<Self, KernelError> {
         let (cin, cout) = (in_channels, w.n);
         let mut taps = vec![[0f64; 9]; cin * cout];
         for (i, g) in taps.iter_mut().enumerate() {
@@ -114,6 +123,71 @@ impl WinogradWeight {
             )?);
         }
         Ok(Self { u, cin, cout })
+    }
+
+    /// The transform of an f32 packing, panel to panel: for each panel and input channel the
+    /// nine taps are nine contiguous vectors of the panel's output channels, and so is each
+    /// position of the result, in the same layout (`G g G^T` as rows then columns, in f32).
+    /// A single use of the convolution pays for it: it is memory-bound, not a GEMM.
+    fn from_f32_panels(w: &PackedB, src: &[f32], cin: usize) -> Self {
+        let (nr, kp, panels) = (w.nr, w.kp, w.panels);
+        let mut planes: Vec<Vec<f32>> = (0..POS).map(|_| vec![0f32; panels * cin * nr]).collect();
+        // t[r][kx] = (G g)[r][kx], one vector of nr output channels each.
+        let mut t = vec![[[0f32; 3]; 4]; nr];
+        for p in 0..panels {
+            for c in 0..cin {
+                let tap = |i: usize| &src[(p * kp + i * cin + c) * nr..][..nr];
+                let (g0, g1, g2) = (
+                    [tap(0), tap(1), tap(2)],
+                    [tap(3), tap(4), tap(5)],
+                    [tap(6), tap(7), tap(8)],
+                );
+                for (j, tj) in t.iter_mut().enumerate() {
+                    for kx in 0..3 {
+                        let (a, b, e) = (g0[kx][j], g1[kx][j], g2[kx][j]);
+                        tj[0][kx] = a;
+                        tj[1][kx] = 0.5 * (a + b + e);
+                        tj[2][kx] = 0.5 * (a - b + e);
+                        tj[3][kx] = e;
+                    }
+                }
+                let at = (p * cin + c) * nr;
+                for r in 0..4 {
+                    let [p0, p1, p2, p3] = &mut planes[4 * r..4 * r + 4] else {
+                        unreachable!("four positions per row")
+                    };
+                    let dst = [
+                        &mut p0[at..at + nr],
+                        &mut p1[at..at + nr],
+                        &mut p2[at..at + nr],
+                        &mut p3[at..at + nr],
+                    ];
+                    for (j, tj) in t.iter().enumerate() {
+                        let [a, b, e] = tj[r];
+                        dst[0][j] = a;
+                        dst[1][j] = 0.5 * (a + b + e);
+                        dst[2][j] = 0.5 * (a - b + e);
+                        dst[3][j] = e;
+                    }
+                }
+            }
+        }
+        let u = planes
+            .into_iter()
+            .map(|plane| PackedB {
+                isa: w.isa,
+                dtype: w.dtype,
+                layout: BLayout::F32,
+                nr,
+                k: cin,
+                kp: cin,
+                n: w.n,
+                panels,
+                geglu: false,
+                data: BData::F32(plane),
+            })
+            .collect();
+        Self { u, cin, cout: w.n }
     }
 
     /// Input channels.
@@ -774,6 +848,36 @@ fn output_tile(m: &[&[f32]; POS], n: usize, y: &mut [[f32; CHUNK]; 4]) {
 mod tests {
     use super::*;
     use crate::conv::conv2d;
+
+    /// The panel-to-panel f32 transform equals the f64 one within an f32 rounding of each
+    /// transformed weight's magnitude (their sums have at most three terms and two halvings).
+    #[test]
+    fn f32_panel_transform_equals_reference() {
+        let (cin, cout) = (7, 45);
+        let w: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+            .collect();
+        for isa in [Isa::Generic, Isa::Avx512] {
+            let packed = crate::pack_conv_weight(&w, cout, cin, 3, isa, DType::F32).expect("packs");
+            let fast = WinogradWeight::from_conv_weight(&packed, cin).expect("transforms");
+            let slow = WinogradWeight::from_any_layout(&packed, cin).expect("transforms");
+            for (f, s) in fast.u.iter().zip(&slow.u) {
+                assert_eq!(
+                    (f.k, f.kp, f.n, f.nr, f.panels),
+                    (s.k, s.kp, s.n, s.nr, s.panels)
+                );
+                let (BData::F32(a), BData::F32(b)) = (&f.data, &s.data) else {
+                    panic!("f32 packings")
+                };
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 4.0 * f32::EPSILON * y.abs().max(1.0),
+                        "{x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Blocks of one tile row (the last one partial, odd sizes) give the single block's
     /// output, and so does the direct convolution (within f32 rounding).
