@@ -83,7 +83,7 @@ pub struct ConvInput<'a, T> {
 }
 
 impl<T> ConvInput<'_, T> {
-    fn total_channels(&self) -> usize {
+    pub(crate) fn total_channels(&self) -> usize {
         self.channels + self.concat.map_or(0, |(_, c)| c)
     }
 }
@@ -256,7 +256,6 @@ pub fn conv2d<T: Element>(
     out: &mut [T],
     epi: &ConvEpilogue<'_, T>,
 ) -> Result<(), KernelError> {
-    let (oh, ow) = g.out_size()?;
     let cin = x.total_channels();
     let cout = w.out_columns();
     if w.is_geglu() {
@@ -276,6 +275,56 @@ pub fn conv2d<T: Element>(
             k = g.kernel
         )));
     }
+    let (oh, ow) = check_operands(&x, g, cout, out.len(), epi)?;
+    let (vh, vw) = g.virtual_input();
+    let src_y: Vec<usize> = (0..vh).map(|i| i * g.in_h / vh).collect();
+    let src_x: Vec<usize> = (0..vw).map(|i| i * g.in_w / vw).collect();
+    // One product over the whole batch, so that the weights are streamed once (at the
+    // 8x8 and 16x16 levels of a UNet they are most of the memory traffic); the per-image
+    // bias (the ResNet's time embedding) goes in per row group.
+    let rows = ConvRows {
+        x: x.x,
+        c1: x.channels,
+        x2: x.concat.map(|(x2, _)| x2),
+        c2: x.concat.map_or(0, |(_, c2)| c2),
+        in_w: g.in_w,
+        in_pixels: g.in_h * g.in_w,
+        out_pixels: oh * ow,
+        src_y: &src_y,
+        src_x: &src_x,
+        kernel: g.kernel,
+        stride: g.stride,
+        pad_t: g.pad[0],
+        pad_l: g.pad[1],
+        out_w: ow,
+        rows: g.batch * oh * ow,
+    };
+    let per_image = per_image_bias(epi, cout);
+    let gemm_epi = Epilogue {
+        bias: if per_image.is_some() { None } else { epi.bias },
+        scale: 1.0,
+        activation: epi.activation,
+        residual: epi.residual.map(|r| (r, cout)),
+    };
+    let row_bias = per_image.as_deref().map(|table| RowBias {
+        table,
+        rows_per_group: oh * ow,
+    });
+    gemm_rows(opts, &rows, w, out, cout, &gemm_epi, row_bias)?;
+    Ok(())
+}
+
+/// Checks the operands of a convolution with `cout` output channels against its geometry
+/// (input and concatenated input, output, residual, per-image bias, bias, a non-empty image)
+/// and returns the output size.
+pub(crate) fn check_operands<T>(
+    x: &ConvInput<'_, T>,
+    g: &ConvGeometry,
+    cout: usize,
+    given_out: usize,
+    epi: &ConvEpilogue<'_, T>,
+) -> Result<(usize, usize), KernelError> {
+    let (oh, ow) = g.out_size()?;
     let in_pixels = g.in_h.checked_mul(g.in_w);
     let len_ok = |len: usize, c: usize| {
         in_pixels
@@ -306,11 +355,10 @@ pub fn conv2d<T: Element>(
     }
     let out_image = oh * ow * cout;
     let out_len = g.batch.checked_mul(out_image);
-    if out_len != Some(out.len()) {
+    if out_len != Some(given_out) {
         return Err(KernelError::new(format!(
             "output has {} elements, expected [{}, {oh}, {ow}, {cout}]",
-            out.len(),
-            g.batch
+            given_out, g.batch
         )));
     }
     if let Some(r) = epi.residual {
@@ -335,49 +383,27 @@ pub fn conv2d<T: Element>(
     if (vh == 0 || vw == 0 || g.in_h == 0 || g.in_w == 0) && g.batch > 0 {
         return Err(KernelError::new("convolution over an empty image"));
     }
-    let src_y: Vec<usize> = (0..vh).map(|i| i * g.in_h / vh).collect();
-    let src_x: Vec<usize> = (0..vw).map(|i| i * g.in_w / vw).collect();
-    // One product over the whole batch, so that the weights are streamed once (at the
-    // 8x8 and 16x16 levels of a UNet they are most of the memory traffic); the per-image
-    // bias (the ResNet's time embedding) goes in per row group.
-    let rows = ConvRows {
-        x: x.x,
-        c1: x.channels,
-        x2: x.concat.map(|(x2, _)| x2),
-        c2: x.concat.map_or(0, |(_, c2)| c2),
-        in_w: g.in_w,
-        in_pixels: g.in_h * g.in_w,
-        out_pixels: oh * ow,
-        src_y: &src_y,
-        src_x: &src_x,
-        kernel: g.kernel,
-        stride: g.stride,
-        pad_t: g.pad[0],
-        pad_l: g.pad[1],
-        out_w: ow,
-        rows: g.batch * oh * ow,
-    };
-    let per_image: Option<Vec<f32>> = epi.batch_bias.map(|bb| {
+    if let Some(b) = epi.bias {
+        if b.len() != cout {
+            return Err(KernelError::new(format!(
+                "bias has {} values, expected {cout}",
+                b.len()
+            )));
+        }
+    }
+    Ok((oh, ow))
+}
+
+/// The bias of each image, `[batch, Cout]`: the per-image bias plus the bias (`None` without a
+/// per-image bias: the bias alone applies).
+pub(crate) fn per_image_bias<T>(epi: &ConvEpilogue<'_, T>, cout: usize) -> Option<Vec<f32>> {
+    epi.batch_bias.map(|bb| {
         let mut table = bb.to_vec();
         if let Some(b0) = epi.bias {
             for row in table.chunks_exact_mut(cout) {
-                for (o, v) in row.iter_mut().zip(b0) {
-                    *o += *v;
-                }
+                row.iter_mut().zip(b0).for_each(|(o, v)| *o += *v);
             }
         }
         table
-    });
-    let gemm_epi = Epilogue {
-        bias: if per_image.is_some() { None } else { epi.bias },
-        scale: 1.0,
-        activation: epi.activation,
-        residual: epi.residual.map(|r| (r, cout)),
-    };
-    let row_bias = per_image.as_deref().map(|table| RowBias {
-        table,
-        rows_per_group: oh * ow,
-    });
-    gemm_rows(opts, &rows, w, out, cout, &gemm_epi, row_bias)?;
-    Ok(())
+    })
 }

@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 
-use crate::conv::{ConvEpilogue, ConvGeometry, ConvInput};
+use crate::conv::{check_operands, per_image_bias, ConvEpilogue, ConvGeometry, ConvInput};
 use crate::epilogue::{apply_row, Element, Epilogue};
 use crate::gemm::{
     default_threads, f32_panel_rows, gemm_rows, gemm_rows_in_place, GemmOptions, PanelRows,
@@ -327,7 +327,7 @@ fn blocked<T: Element>(
             g.kernel, g.stride, g.pad
         )));
     }
-    let cin = x.channels + x.concat.map_or(0, |(_, c)| c);
+    let cin = x.total_channels();
     if cin != w.cin {
         return Err(KernelError::new(format!(
             "the Winograd weight has {} input channels, the input {cin}",
@@ -335,63 +335,11 @@ fn blocked<T: Element>(
         )));
     }
     let cout = w.cout;
-    let (oh, ow) = g.out_size()?;
-    let in_pixels = g
-        .in_h
-        .checked_mul(g.in_w)
-        .and_then(|p| p.checked_mul(g.batch));
-    let check = |what: &str, len: usize, want: Option<usize>, shape: String| {
-        if want == Some(len) {
-            Ok(())
-        } else {
-            Err(KernelError::new(format!(
-                "{what} has {len} elements, expected {shape}"
-            )))
-        }
-    };
-    let in_shape = |c: usize| format!("[{}, {}, {}, {c}]", g.batch, g.in_h, g.in_w);
-    check(
-        "input",
-        x.x.len(),
-        in_pixels.and_then(|p| p.checked_mul(x.channels)),
-        in_shape(x.channels),
-    )?;
-    if let Some((x2, c2)) = x.concat {
-        check(
-            "concatenated input",
-            x2.len(),
-            in_pixels.and_then(|p| p.checked_mul(c2)),
-            in_shape(c2),
-        )?;
-    }
-    let out_len = g
-        .batch
-        .checked_mul(oh)
-        .and_then(|v| v.checked_mul(ow))
-        .and_then(|v| v.checked_mul(cout));
-    let out_shape = format!("[{}, {oh}, {ow}, {cout}]", g.batch);
-    check("output", out.len(), out_len, out_shape.clone())?;
-    if let Some(r) = epi.residual {
-        check("residual", r.len(), out_len, out_shape)?;
-    }
-    if let Some(bb) = epi.batch_bias {
-        check(
-            "per-image bias",
-            bb.len(),
-            g.batch.checked_mul(cout),
-            format!("[{}, {cout}]", g.batch),
-        )?;
-    }
-    if let Some(b) = epi.bias {
-        check("bias", b.len(), Some(cout), format!("[{cout}]"))?;
-    }
+    let (oh, ow) = check_operands(&x, g, cout, out.len(), epi)?;
     if g.batch == 0 {
         return Ok(());
     }
     let (vh, vw) = g.virtual_input();
-    if vh == 0 || vw == 0 || g.in_h == 0 || g.in_w == 0 {
-        return Err(KernelError::new("convolution over an empty image"));
-    }
     if T::DTYPE != w.u[0].dtype {
         return Err(KernelError::new(format!(
             "operands are {:?} but the Winograd weight was packed for {:?}",
@@ -412,16 +360,7 @@ fn blocked<T: Element>(
         oh,
         ow,
     };
-    // The bias of each image: the per-image bias plus the bias, or the bias alone.
-    let per_image: Option<Vec<f32>> = epi.batch_bias.map(|bb| {
-        let mut table = bb.to_vec();
-        if let Some(b0) = epi.bias {
-            for row in table.chunks_exact_mut(cout) {
-                row.iter_mut().zip(b0).for_each(|(o, v)| *o += *v);
-            }
-        }
-        table
-    });
+    let per_image = per_image_bias(epi, cout);
     let threads = opts.threads.unwrap_or_else(default_threads).max(1);
     // The transformed input is written as the kernel's A panels, read in place.
     let mr = f32_panel_rows(&w.u[0], opts.emulate).unwrap_or(DEFAULT_MR);
