@@ -8,14 +8,17 @@
 //! 16 multiplies per tile and channel pair instead of 36: 2.25x fewer multiply-adds than the
 //! direct convolution, for two cheap linear transforms of the activations.
 //!
-//! F(2x2, 3x3) is the variant whose error stays at the direct convolution's: its transforms hold
-//! only 0, +-1 and +-1/2 (the larger tiles' points 2, 4, 1/4 ... amplify rounding; F(4x4, 3x3)
-//! measured 35x the direct error on a 320-channel layer, F(2x2, 3x3) 1.8x).
+//! F(2x2, 3x3) is the variant whose error stays near the direct convolution's: its transforms
+//! hold only 0, +-1 and +-1/2 (the larger tiles' points 2, 4, 1/4 ... amplify rounding; in a
+//! numpy check on a 320-channel layer against f64, F(4x4, 3x3) had 35x the direct error,
+//! F(2x2, 3x3) 1.8x).
 //!
-//! The tiles are processed in blocks of whole tile rows, sized so that the transformed block
-//! (`[tiles][16][Cin]` in, `[tiles][16][Cout]` out) stays a few MiB; the input transform reads
-//! the same fused inputs as the direct convolution (a nearest-neighbour resize, a concatenated
-//! second input) and the output transform applies its epilogue (biases, activation, residual).
+//! The tiles are processed in blocks of whole tile rows, at most 32 MiB (`BLOCK_BYTES`) of
+//! transformed data: the input transform writes each position's tiles as the kernel's A panels
+//! (`[16][tiles / MR][Cin][MR]`, read in place by the GEMM), the products accumulate in f32
+//! (`[16][tiles][Cout]`), and the output transform applies the epilogue (biases, activation,
+//! residual). The input transform reads the same fused inputs as the direct convolution (a
+//! nearest-neighbour resize, a concatenated second input).
 
 use std::ops::Range;
 
