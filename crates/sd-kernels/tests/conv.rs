@@ -31,6 +31,20 @@ struct Case {
     silu: bool,
 }
 
+impl Case {
+    fn geometry(&self) -> ConvGeometry {
+        ConvGeometry {
+            batch: self.batch,
+            in_h: self.h,
+            in_w: self.w,
+            resize: self.resize,
+            kernel: self.kernel,
+            stride: self.stride,
+            pad: self.pad,
+        }
+    }
+}
+
 fn case(batch: usize, h: usize, w: usize, c1: usize, cout: usize) -> Case {
     Case {
         batch,
@@ -224,15 +238,7 @@ fn run<T: Element + Copy>(
         DType::Bf16
     };
     let packed = pack_conv_weight(&w, c.cout, cin, c.kernel, isa, dtype).expect("packs");
-    let g = ConvGeometry {
-        batch: c.batch,
-        in_h: c.h,
-        in_w: c.w,
-        resize: c.resize,
-        kernel: c.kernel,
-        stride: c.stride,
-        pad: c.pad,
-    };
+    let g = c.geometry();
     assert_eq!(g.out_size().expect("fits"), (oh, ow));
     let mut out = vec![from(0.0); want.len()];
     let epi = ConvEpilogue {
@@ -294,15 +300,7 @@ const WINOGRAD_BF16_WEIGHT_REL: f64 = 2.5e-3;
 fn check_path(isa: Isa, emulate: bool) {
     let label = if emulate { "emulated" } else { "native" };
     for (ci, c) in cases().iter().enumerate() {
-        let g = ConvGeometry {
-            batch: c.batch,
-            in_h: c.h,
-            in_w: c.w,
-            resize: c.resize,
-            kernel: c.kernel,
-            stride: c.stride,
-            pad: c.pad,
-        };
+        let g = c.geometry();
         let mut algos = vec![Algo::Direct];
         if winograd_applies(&g) {
             algos.push(Algo::Winograd);

@@ -353,69 +353,54 @@ impl Conv2d {
         } else {
             None
         };
-        #[allow(clippy::too_many_arguments)]
-        fn run<T: sd_kernels::Element + candle_core::WithDType>(
-            p: &PackedConv,
-            winograd: Option<&sd_kernels::WinogradWeight>,
-            geom: &sd_kernels::ConvGeometry,
-            x: &CpuView<'_>,
+        /// What one call needs, whatever the element type.
+        struct Call<'a> {
+            p: &'a PackedConv,
+            winograd: Option<&'a sd_kernels::WinogradWeight>,
+            geom: &'a sd_kernels::ConvGeometry,
+            x: &'a CpuView<'a>,
             in_channels: usize,
-            residual: Option<&CpuView<'_>>,
-            batch_bias: Option<&[f32]>,
+            residual: Option<&'a CpuView<'a>>,
+            batch_bias: Option<&'a [f32]>,
             n: usize,
-        ) -> Result<Vec<T>> {
-            let mut out = vec![T::ZERO; n];
+        }
+        fn run<T: sd_kernels::Element + candle_core::WithDType>(c: &Call<'_>) -> Result<Vec<T>> {
+            let mut out = vec![T::ZERO; c.n];
             let epi = sd_kernels::ConvEpilogue {
-                bias: Some(&p.bias),
-                batch_bias,
+                bias: Some(&c.p.bias),
+                batch_bias: c.batch_bias,
                 activation: sd_kernels::Activation::Identity,
-                residual: residual.map(|r| r.slice::<T>()).transpose()?,
+                residual: c.residual.map(|r| r.slice::<T>()).transpose()?,
             };
             let input = sd_kernels::ConvInput {
-                x: x.slice::<T>()?,
-                channels: in_channels,
+                x: c.x.slice::<T>()?,
+                channels: c.in_channels,
                 concat: None,
             };
-            let done = match winograd {
-                Some(w) => {
-                    sd_kernels::conv2d_winograd(&Default::default(), input, geom, w, &mut out, &epi)
-                }
-                None => sd_kernels::conv2d(&Default::default(), input, geom, &p.b, &mut out, &epi),
+            let opts = Default::default();
+            let done = match c.winograd {
+                Some(w) => sd_kernels::conv2d_winograd(&opts, input, c.geom, w, &mut out, &epi),
+                None => sd_kernels::conv2d(&opts, input, c.geom, &c.p.b, &mut out, &epi),
             };
             done.map_err(|e| {
                 sd_core::Error::invalid_argument("convolution", e.to_string(), "matching shapes")
             })?;
             Ok(out)
         }
+        let call = Call {
+            p,
+            winograd,
+            geom: &geom,
+            x: &xv,
+            in_channels: self.in_channels,
+            residual: rv.as_ref(),
+            batch_bias: batch_bias.as_deref(),
+            n,
+        };
         let dev = x.device();
-        let bb = batch_bias.as_deref();
         Ok(match p.dtype {
-            DType::BF16 => {
-                let out = run::<half::bf16>(
-                    p,
-                    winograd,
-                    &geom,
-                    &xv,
-                    self.in_channels,
-                    rv.as_ref(),
-                    bb,
-                    n,
-                )?;
-                Tensor::from_vec(out, shape, dev)?
-            }
-            _ => {
-                let out = run::<f32>(
-                    p,
-                    winograd,
-                    &geom,
-                    &xv,
-                    self.in_channels,
-                    rv.as_ref(),
-                    bb,
-                    n,
-                )?;
-                Tensor::from_vec(out, shape, dev)?
-            }
+            DType::BF16 => Tensor::from_vec(run::<half::bf16>(&call)?, shape, dev)?,
+            _ => Tensor::from_vec(run::<f32>(&call)?, shape, dev)?,
         })
     }
 }
